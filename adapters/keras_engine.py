@@ -1,0 +1,128 @@
+"""The Keras engine: a real ``keras.Sequential`` of ``Dense`` layers, compiled with
+``keras.optimizers.SGD`` and a Keras loss, stepped through ``train_on_batch``, Keras's own
+training path (measured bit-identical to ``fit`` for one batch).
+
+Conventions pinned here:
+
+* Dense kernels are (in, out) already: no transpose.
+* float64 is set with ``keras.config.set_floatx`` for the run and restored after it; a layer
+  dtype alone would leave the loss and the learning-rate variable in float32.
+* Keras's MSE and MAE average over the outputs of each sample before the reduction over the
+  batch. ``sum_over_batch_size`` is then the SPEC's mean over every element, but Keras's ``sum``
+  is the SPEC's sum divided by the number of outputs: the loss weight makes up that factor.
+  The case's ``scale`` is applied the same way, through ``compile(loss_weights=...)``.
+* A ``Dense(activation="softmax")`` output remembers its logits, so ``categorical_crossentropy``
+  is computed from the logits, as in PyTorch and the NumPy engine.
+* leaky_relu gets the case's slope explicitly (Keras's default is 0.2; Keras 2's 0.3).
+* ``jit_compile=False``: XLA may fuse and reorder the arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+from manualprop.case import Case
+from manualprop.engines import StepResult
+
+INSTALL = "pip install tensorflow-cpu"
+
+
+class KerasEngine:
+    name = "keras"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("keras") is None:
+            return f"keras is not installed (install it with: {INSTALL})"
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        if importlib.util.find_spec(backend) is None:
+            return f"keras's backend {backend} is not installed (install it with: {INSTALL})"
+        return None
+
+    def step(self, case: Case) -> StepResult:
+        keras = _import_keras()
+
+        previous = keras.config.floatx()
+        keras.config.set_floatx(case.dtype.name)
+        try:
+            return _step(keras, case)
+        finally:
+            keras.config.set_floatx(previous)
+            keras.backend.clear_session()
+
+
+# Informational lines TensorFlow writes straight to file descriptor 2 at import, whatever
+# TF_CPP_MIN_LOG_LEVEL says. They are dropped; anything else it writes is passed on.
+_IMPORT_NOISE = re.compile(
+    r"oneDNN custom operations are on|All log messages before absl::InitializeLog|cpu_feature_guard"
+    r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|Could not find cuda drivers|TF-TRT Warning"
+)
+
+
+def _import_keras():
+    """Import keras (and its backend), keeping TensorFlow's import-time info lines off the terminal."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    kept = [line for line in text.splitlines() if line.strip() and not _IMPORT_NOISE.search(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    return keras
+
+
+def _activation(keras, name: str, alpha: float):
+    if name == "leaky_relu":
+        return functools.partial(keras.activations.leaky_relu, negative_slope=alpha)
+    return name
+
+
+def _step(keras, case: Case) -> StepResult:
+    layers = [
+        keras.layers.Dense(layer.units, activation=_activation(keras, layer.activation, layer.alpha), use_bias=layer.bias is not None)
+        for layer in case.layers
+    ]
+    model = keras.Sequential([keras.Input(shape=(case.inputs.shape[1],)), *layers])
+    for layer, dense in zip(case.layers, layers):
+        dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
+
+    loss_class = {
+        "mse": keras.losses.MeanSquaredError,
+        "mae": keras.losses.MeanAbsoluteError,
+        "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+    }[case.loss]
+    per_sample_mean = case.loss in ("mse", "mae")
+    reduction = "sum_over_batch_size" if case.reduction == "mean" else "sum"
+    weight = case.scale * (case.targets.shape[1] if per_sample_mean and case.reduction == "sum" else 1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=case.lr),
+        loss=loss_class(reduction=reduction),
+        loss_weights=[weight],
+        jit_compile=False,
+    )
+    loss = model.train_on_batch(case.inputs, case.targets)
+
+    deltas = {}
+    for i, (layer, dense) in enumerate(zip(case.layers, layers)):
+        values = dense.get_weights()
+        deltas[f"layers.{i}.kernel"] = np.asarray(values[0]) - layer.kernel
+        if layer.bias is not None:
+            deltas[f"layers.{i}.bias"] = np.asarray(values[1]) - layer.bias
+    return StepResult(loss=float(loss), deltas=deltas)

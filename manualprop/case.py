@@ -1,0 +1,410 @@
+"""A case: a validated case file turned into arrays, every engine's common input.
+
+Loading runs in three stages, each reporting every problem it finds with the file, the line and
+the field path: safe YAML (:mod:`manualprop.yamlsafe`), the schema (:mod:`manualprop.schema`),
+then the checks below (shapes, links between fields, sizes). Generated arrays are drawn here,
+once, from ``numpy.random.default_rng(seed)`` in file order (inputs, targets, then each layer's
+kernel and bias), so every engine receives the same numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from pydantic import ValidationError
+
+from . import schema, yamlsafe
+from .compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
+from .errors import CaseError, Problem, format_path
+
+MAX_ELEMENTS = 10_000_000  # per array, generated or implied by a layer's size
+PARAM_NAME = re.compile(r"^layers\.(\d+)\.(kernel|bias|weight)$")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A dense layer ready to run: A = activation(A_prev @ kernel + bias)."""
+
+    units: int
+    activation: str
+    alpha: float  # the leaky_relu slope; 0 for other activations
+    kernel: np.ndarray  # (in, out)
+    bias: np.ndarray | None  # (out,), or None for a layer without bias
+    line: int | None = None  # where the layer starts in the case file
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Golden values; ``updated`` and ``deltas`` are keyed by parameter name, kernels (in, out)."""
+
+    loss: float | None
+    updated: dict[str, np.ndarray]
+    deltas: dict[str, np.ndarray]
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything one step needs, already checked: engines never see an invalid case."""
+
+    name: str
+    path: str
+    description: str
+    dtype: np.dtype
+    seed: int
+    loss: str  # canonical name: mse, mae or categorical_crossentropy
+    reduction: str
+    scale: float
+    lr: float
+    inputs: np.ndarray  # (batch, features)
+    targets: np.ndarray  # (batch, outputs)
+    layers: tuple[Layer, ...]
+    engines: tuple[str, ...] | None
+    rtol: float
+    atol: float
+    expected: Expected | None = None
+    lines: dict[tuple, int] = field(default_factory=dict, repr=False)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The initial parameters by name, kernels in the (in, out) layout."""
+        params: dict[str, np.ndarray] = {}
+        for i, layer in enumerate(self.layers):
+            params[f"layers.{i}.kernel"] = layer.kernel
+            if layer.bias is not None:
+                params[f"layers.{i}.bias"] = layer.bias
+        return params
+
+    def line_of(self, path: tuple) -> int | None:
+        """The line of ``path`` in the file, or of its nearest enclosing field."""
+        return _line_of(self.lines, path)
+
+
+def display_path(path: Path) -> str:
+    """The path relative to the working folder when it lies below it, else absolute."""
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def load_case(path: str | os.PathLike, known_engines: Iterable[str] | None = None) -> Case:
+    """Read, validate and materialise one case file; raise CaseError listing every problem."""
+    file = Path(path)
+    shown = display_path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaseError(shown, [Problem((), "no such file")]) from None
+    except UnicodeDecodeError as err:
+        raise CaseError(shown, [Problem((), f"the file is not UTF-8 text ({err.reason} at byte {err.start})")]) from None
+    except OSError as err:
+        raise CaseError(shown, [Problem((), f"cannot read the file: {err.strerror}")]) from None
+    return parse_case(text, shown, default_name=file.stem, known_engines=known_engines)
+
+
+def parse_case(text: str, file: str, default_name: str = "case", known_engines: Iterable[str] | None = None) -> Case:
+    """Validate the text of a case file shown to the user as ``file``."""
+    try:
+        data, lines = yamlsafe.load(text)
+    except yamlsafe.YamlError as err:
+        raise CaseError(file, [err.problem]) from None
+    if not isinstance(data, dict):
+        found = type(data).__name__ if not isinstance(data, list) else "a list"
+        raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", 1)])
+    try:
+        spec = schema.CaseSpec.model_validate(data)
+    except ValidationError as err:
+        raise CaseError(file, [_problem_from_pydantic(e, lines) for e in err.errors()]) from None
+    builder = _Builder(spec, lines, known_engines)
+    case = builder.build(file, default_name)
+    if builder.problems:
+        raise CaseError(file, builder.problems)
+    return case
+
+
+def _line_of(lines: dict[tuple, int], path: tuple) -> int | None:
+    path = tuple(path)
+    while path not in lines and path:
+        path = path[:-1]
+    return lines.get(path)
+
+
+def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
+    loc = tuple(part for part in error["loc"] if part not in schema.UNION_TAGS)
+    kind, found = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        close = difflib.get_close_matches(str(key), schema.FIELD_NAMES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"unknown key {key!r}{hint}"
+    elif kind == "missing":
+        message = f"missing required field {loc[-1]!r}"
+    elif kind == "union_tag_not_found":
+        message = "a generated array needs `random: uniform`, `random: normal` or `random: one_hot`"
+    elif kind == "union_tag_invalid":
+        message = f"expected random: uniform, normal or one_hot, found {found.get('random')!r}" if isinstance(found, dict) else error["msg"]
+    elif kind == "list_type" and loc and loc[-1] in ("inputs", "targets", "kernel", "weight", "bias"):
+        message = f"expected a list of numbers or a {{random: ...}} mapping, found {_show(found)}"
+    else:
+        message = f"{_lower_first(error['msg'])}, found {_show(found)}"
+    return Problem(loc, message, _line_of(lines, loc))
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Builder:
+    """Turns a schema-valid CaseSpec into a Case, collecting every problem on the way."""
+
+    def __init__(self, spec: schema.CaseSpec, lines: dict[tuple, int], known_engines: Iterable[str] | None):
+        self.spec = spec
+        self.lines = lines
+        self.known_engines = None if known_engines is None else tuple(known_engines)
+        self.problems: list[Problem] = []
+        self.dtype = np.dtype(spec.dtype)
+        self.rng = np.random.default_rng(spec.seed)
+
+    def problem(self, path: tuple, message: str) -> None:
+        self.problems.append(Problem(path, message, _line_of(self.lines, path)))
+
+    # -- arrays --------------------------------------------------------------------------
+
+    def array(self, value: Any, path: tuple, shape: tuple[int | None, ...], what: str) -> np.ndarray | None:
+        """A literal or generated array of the expected ``shape`` (None: any size there)."""
+        if isinstance(value, (schema.Uniform, schema.Normal, schema.OneHot)):
+            return self.generated(value, path, shape, what)
+        return self.literal(value, path, shape, what)
+
+    def literal(self, value: list, path: tuple, shape: tuple[int | None, ...], what: str) -> np.ndarray | None:
+        found = self.nested_shape(value, path, len(shape))
+        if found is None:
+            return None
+        if not _fits(found, shape):
+            self.problem(path, f"expected shape {_show_shape(shape)} ({what}), found {found}")
+            return None
+        return np.array(value, dtype=np.float64).astype(self.dtype)
+
+    def nested_shape(self, value: Any, path: tuple, ndim: int) -> tuple[int, ...] | None:
+        """The shape of a rectangular nested list of finite numbers, or None after a problem."""
+        if ndim == 1:
+            if not isinstance(value, list):
+                self.problem(path, f"expected a list of numbers, found {_show(value)}")
+                return None
+            bad = [(i, v) for i, v in enumerate(value) if not _is_number(v)]
+            for i, v in bad[:3]:
+                self.problem((*path, i), f"expected a finite number, found {_show(v)}")
+            return None if bad else (len(value),)
+        if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
+            self.problem(path, f"expected a list of rows (a {ndim}-dimensional array), found {_show(value)}")
+            return None
+        rows = [self.nested_shape(row, (*path, i), ndim - 1) for i, row in enumerate(value)]
+        if any(r is None for r in rows):
+            return None
+        lengths = sorted({r[0] for r in rows})
+        if len(lengths) > 1:
+            first = rows[0][0]
+            odd = next(i for i, r in enumerate(rows) if r[0] != first)
+            self.problem((*path, odd), f"ragged array: row 0 has {first} values, row {odd} has {rows[odd][0]}")
+            return None
+        return (len(value), *rows[0])
+
+    def generated(self, gen: Any, path: tuple, shape: tuple[int | None, ...], what: str) -> np.ndarray | None:
+        if gen.shape is not None:
+            drawn = tuple(gen.shape)
+            if not _fits(drawn, shape):
+                self.problem((*path, "shape"), f"expected shape {_show_shape(shape)} ({what}), found {drawn}")
+                return None
+        elif None in shape:
+            self.problem(path, f"a generated array needs `shape:` here ({what})")
+            return None
+        else:
+            drawn = shape
+        if math.prod(drawn) > MAX_ELEMENTS:
+            self.problem((*path, "shape"), f"{drawn} is {math.prod(drawn):,} values; at most {MAX_ELEMENTS:,} are allowed")
+            return None
+        if isinstance(gen, schema.Uniform):
+            if not gen.low < gen.high:
+                self.problem((*path, "low"), f"expected low < high, found low={gen.low}, high={gen.high}")
+                return None
+            values = self.rng.uniform(gen.low, gen.high, size=drawn)
+        elif isinstance(gen, schema.Normal):
+            values = self.rng.normal(gen.mean, gen.std, size=drawn)
+        else:
+            values = np.eye(drawn[-1])[self.rng.integers(0, drawn[-1], size=drawn[:-1])]
+        return values.astype(self.dtype)
+
+    # -- the case ------------------------------------------------------------------------
+
+    def build(self, file: str, default_name: str) -> Case | None:
+        spec = self.spec
+        inputs = self.array(spec.inputs, ("inputs",), (None, None), "(batch, features)")
+        batch = None if inputs is None else inputs.shape[0]
+        last_units = spec.layers[-1].units
+        targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
+        fan_in = None if inputs is None else inputs.shape[1]
+        layers = []
+        for i, layer_spec in enumerate(spec.layers):
+            layers.append(self.layer(i, layer_spec, fan_in, batch))
+            fan_in = layer_spec.units
+        loss_spec = spec.loss if isinstance(spec.loss, schema.LossSpec) else schema.LossSpec(name=spec.loss)
+        loss_name = "categorical_crossentropy" if loss_spec.name == "cce" else loss_spec.name
+        if loss_name == "categorical_crossentropy" and layers and spec.layers[-1].activation_name != "softmax":
+            self.problem(
+                ("layers", len(spec.layers) - 1, "activation"),
+                "categorical_crossentropy is computed from the logits of a softmax last layer; "
+                f"expected activation softmax, found {spec.layers[-1].activation_name}",
+            )
+        if spec.engines is not None and self.known_engines is not None:
+            for j, name in enumerate(spec.engines):
+                if name not in self.known_engines:
+                    self.problem(("engines", j), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}")
+        rtol, atol = _tolerance(spec.tolerance, DEFAULT_TOLERANCE[spec.dtype])
+        if self.problems or inputs is None or targets is None or None in layers:
+            return None
+        case = Case(
+            name=spec.name or default_name,
+            path=file,
+            description=spec.description or "",
+            dtype=self.dtype,
+            seed=spec.seed,
+            loss=loss_name,
+            reduction=loss_spec.reduction,
+            scale=loss_spec.scale,
+            lr=spec.lr,
+            inputs=inputs,
+            targets=targets,
+            layers=tuple(layers),
+            engines=None if spec.engines is None else tuple(spec.engines),
+            rtol=rtol,
+            atol=atol,
+            lines=self.lines,
+        )
+        expected = self.expected(case) if spec.expected is not None else None
+        if self.problems:
+            return None
+        return Case(**{**case.__dict__, "expected": expected})
+
+    def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
+        path = ("layers", i)
+        activation = spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
+        alpha = activation.alpha
+        if activation.name == "leaky_relu" and alpha is None:
+            self.problem(
+                (*path, "activation"),
+                "leaky_relu needs its slope: write {name: leaky_relu, alpha: 0.01} "
+                "(PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3)",
+            )
+        elif activation.name != "leaky_relu" and alpha is not None:
+            self.problem((*path, "activation", "alpha"), f"alpha is a parameter of leaky_relu only, found it on {activation.name}")
+        if activation.name == "softmax" and i != len(self.spec.layers) - 1:
+            self.problem((*path, "activation"), "softmax is supported on the last layer only")
+        if spec.kernel is not None and spec.weight is not None:
+            self.problem((*path, "weight"), "give kernel (in, out) or weight (out, in), not both")
+            return None
+        if fan_in is None:
+            return None
+        for size, what in ((fan_in * spec.units, "kernel"), ((batch or 1) * spec.units, "activations")):
+            if size > MAX_ELEMENTS:
+                self.problem((*path, "units"), f"{spec.units:,} units make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed")
+                return None
+        kernel = self.kernel(path, spec, fan_in)
+        if spec.bias is False:
+            bias = None
+        elif spec.bias is None or spec.bias is True:
+            bias = np.zeros(spec.units, dtype=self.dtype)
+        else:
+            bias = self.array(spec.bias, (*path, "bias"), (spec.units,), "(units,)")
+            if bias is None:
+                return None
+        if kernel is None:
+            return None
+        return Layer(spec.units, activation.name, float(alpha or 0.0), kernel, bias, self.lines.get(path))
+
+    def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int) -> np.ndarray | None:
+        if spec.weight is not None:
+            weight = self.array(spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer): the PyTorch layout")
+            return None if weight is None else np.ascontiguousarray(weight.T)
+        if spec.kernel is not None:
+            if spec.init is not None:
+                self.problem((*path, "init"), "init draws a kernel; this layer gives its kernel already")
+            return self.array(spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units): the Keras layout")
+        return _initial_kernel(spec.init or "glorot_uniform", fan_in, spec.units, self.rng).astype(self.dtype)
+
+    def expected(self, case: Case) -> Expected:
+        exp = self.spec.expected
+        params = case.parameters()
+        tables: dict[str, dict[str, np.ndarray]] = {"updated": {}, "deltas": {}}
+        for section, values in (("updated", exp.updated), ("deltas", exp.deltas)):
+            for name, value in values.items():
+                path = ("expected", section, name)
+                match = PARAM_NAME.match(name)
+                if not match or int(match[1]) >= len(case.layers):
+                    close = difflib.get_close_matches(name, list(params), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    self.problem(path, f"no parameter named {name!r}; this case has {', '.join(params)}{hint}")
+                    continue
+                index, kind = int(match[1]), match[2]
+                key = f"layers.{index}.{'bias' if kind == 'bias' else 'kernel'}"
+                if key not in params:
+                    self.problem(path, f"layer {index} has no bias (bias: false), so {name} cannot be checked")
+                    continue
+                target = params[key].shape if kind != "weight" else params[key].shape[::-1]
+                array = self.literal(value, path, target, "the shape of the parameter" + (", (out, in)" if kind == "weight" else ""))
+                if array is not None:
+                    if key in tables[section]:
+                        self.problem(path, f"{key} is given twice (as kernel and as weight)")
+                    tables[section][key] = array.T if kind == "weight" else array
+        rtol, atol = _tolerance(exp.tolerance, EXPECTED_TOLERANCE)
+        return Expected(exp.loss, tables["updated"], tables["deltas"], rtol, atol)
+
+
+def _tolerance(given: schema.Tolerance | None, default: tuple[float, float]) -> tuple[float, float]:
+    if given is None:
+        return default
+    return (default[0] if given.rtol is None else given.rtol, default[1] if given.atol is None else given.atol)
+
+
+def _initial_kernel(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) -> np.ndarray:
+    """Kernel initialisers, named as in Keras (normal ones are not truncated here)."""
+    shape = (fan_in, fan_out)
+    fan = {"glorot": (fan_in + fan_out) / 2, "he": fan_in / 2, "lecun": fan_in}
+    if init == "zeros":
+        return np.zeros(shape)
+    family, kind = init.split("_")
+    variance = 1.0 / fan[family]
+    if kind == "uniform":
+        limit = math.sqrt(3.0 * variance)
+        return rng.uniform(-limit, limit, size=shape)
+    return rng.normal(0.0, math.sqrt(variance), size=shape)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _fits(found: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(found) == len(expected) and all(e is None or e == f for f, e in zip(found, expected))
+
+
+def _show_shape(shape: tuple[int | None, ...]) -> str:
+    inner = ", ".join("any" if s is None else str(s) for s in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+
+__all__ = ["Case", "Layer", "Expected", "load_case", "parse_case", "format_path", "MAX_ELEMENTS"]

@@ -1,0 +1,212 @@
+"""The command line: ``manualprop run``, ``manualprop schema``.
+
+Exit status of ``run``: 0 every comparison holds; 1 some comparison failed (or an engine
+crashed); 2 a case file or the command line was invalid (this wins over 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__, engines, harness, report
+from .compare import Comparison
+from .harness import CaseResult
+
+EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
+
+
+def _engine_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = engines.names()
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown engine {', '.join(unknown) or text!r}; registered: {', '.join(known)}")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="manualprop", description="Cross-verify one SGD step between NumPy, PyTorch and Keras.")
+    top.add_argument("--version", action="version", version=f"manualprop {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run case files through every engine and compare", description=(
+        "Run each case through every installed engine, compare every pair and the golden values. "
+        "With no PATH, the bundled cases run. Exit status: 0 all hold, 1 a mismatch, 2 an invalid case or command line."))
+    run.add_argument("paths", nargs="*", metavar="PATH", help="case files or folders (searched for *.yaml, *.yml)")
+    run.add_argument("--engines", type=_engine_list, metavar="A,B", help=f"engines to run (registered: {', '.join(engines.names())})")
+    run.add_argument("--json", metavar="FILE", help="write the JSON report to FILE")
+    run.add_argument("--show-deltas", action="store_true", help="print every parameter's delta from each engine side by side")
+    run.add_argument("-q", "--quiet", action="store_true", help="print only failing cases and the summary")
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
+    schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "schema":
+        return _schema(args)
+    return _run(args)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from .schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Console(highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(highlight=False, width=120)  # logs and CI: wide enough for three engine pairs
+    err = Console(stderr=True, highlight=False)
+    try:
+        paths = harness.find_cases(args.paths or [harness.bundled_cases()])
+    except FileNotFoundError as e:
+        err.print(f"[red]manualprop run: {escape(str(e))}[/red]")
+        return EXIT_INVALID
+    if not paths:
+        err.print(f"[red]manualprop run: no case files (*.yaml, *.yml) in {escape(' '.join(args.paths))}[/red]")
+        return EXIT_INVALID
+
+    _print_unavailable(out, args.engines)
+    results: list[CaseResult] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("running cases", total=len(paths))
+        for path, result in zip(paths, harness.run_paths(paths, args.engines)):
+            results.append(result)
+            progress.advance(task)
+            if not (args.quiet and result.ok):
+                out.print(render_case(result, args.show_deltas))
+
+    if args.json:
+        report.write(report.build(results, harness.environment()), args.json)
+    return _summary(out, results, args.json)
+
+
+def _print_unavailable(out: Console, requested: list[str] | None) -> None:
+    for name in requested or engines.names():
+        reason = engines.get(name).unavailable()
+        if reason:
+            out.print(f"[yellow]skipping {name}: {escape(reason)}[/yellow]")
+
+
+def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> int:
+    invalid = sum(r.error is not None for r in results)
+    failed = sum(r.error is None and not r.ok for r in results)
+    passed = len(results) - invalid - failed
+    colour = "red" if invalid or failed else "green"
+    out.print(f"[{colour}]{len(results)} cases: {passed} passed, {failed} failed, {invalid} invalid[/{colour}]")
+    if json_path:
+        out.print(f"JSON report written to {escape(json_path)}")
+    if invalid:
+        return EXIT_INVALID
+    return EXIT_MISMATCH if failed else EXIT_OK
+
+
+def _verdict(result: CaseResult) -> str:
+    if result.error is not None:
+        return "[bold red]INVALID[/bold red]"
+    if not result.ok:
+        return "[bold red]FAIL[/bold red]"
+    if len(result.ran) < 2 and not result.expected:
+        return "[bold yellow]NOT COMPARED[/bold yellow]"
+    return "[bold green]PASS[/bold green]"
+
+
+def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType:
+    """A case's verdict, losses, per-parameter table and the details of every mismatch."""
+    if result.error is not None:
+        lines = [f"{_verdict(result)} {escape(result.path)}"]
+        lines += [f"  [red]{escape(p.render(result.path))}[/red]" for p in result.error.problems]
+        return "\n".join(lines)
+    case = result.case
+    ran = result.ran
+    title = f"{_verdict(result)} [bold]{escape(case.name)}[/bold] ({escape(result.path)}, {case.dtype.name})"
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("  parameter", no_wrap=True)
+    table.add_column("shape")
+    table.add_column("max|delta|", justify="right")
+    pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1:]]
+    for a, b in pairs:
+        table.add_column(f"{a}-{b}", justify="right")
+    if pairs:
+        table.add_column("worst/tol", justify="right")
+    by_key = {(c.param, c.a, c.b): c for c in result.comparisons}
+    first = result.runs[ran[0]].result if ran else None
+    rows = [("loss", "()", "")]
+    for param, initial in case.parameters().items():
+        size = f"{np.abs(first.deltas[param]).max():.3g}" if first is not None and param in first.deltas and initial.size else ""
+        rows.append((param, str(initial.shape), size))
+    for param, shape, size in rows:
+        cells = [by_key.get((param, a, b)) for a, b in pairs]
+        worst = max((c.worst_ratio for c in cells if c is not None), default=0.0)
+        table.add_row(f"  {param}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
+    losses = ", ".join(f"{n} {result.runs[n].result.loss:.9g}" for n in ran)
+    parts: list[RenderableType] = [title, f"  loss: {losses}" if ran else "  [yellow]no engine ran[/yellow]"]
+    if ran:
+        parts.append(table)
+    for name, run in result.runs.items():
+        if run.status == "error":
+            parts.append(f"  [red]{name} failed: {escape(run.reason or '')}[/red]")
+    if result.expected:
+        bad = [c for c in result.expected if not c.ok]
+        checked = ", ".join(sorted({c.a for c in result.expected}))
+        status = "[green]hold[/green]" if not bad else f"[red]{len(bad)} of {len(result.expected)} fail[/red]"
+        parts.append(f"  golden values in {checked}: {status}")
+    for c in [*result.comparisons, *result.expected]:
+        if not c.ok:
+            parts.append(f"[red]{escape(_indent(c.message))}[/red]")
+    if show_deltas:
+        parts.extend(_delta_tables(result))
+    return Group(*parts)
+
+
+def _cell(c: Comparison | None) -> str:
+    if c is None:
+        return ""
+    return f"{c.max_abs_diff:.1e}" if c.ok else f"[red]{c.max_abs_diff:.1e}[/red]"
+
+
+def _ratio(ratio: float) -> str:
+    return f"{ratio:.1%}" if ratio <= 1 else f"[red]{ratio:.3g}x[/red]"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _delta_tables(result: CaseResult) -> list[Table]:
+    tables = []
+    ran = result.ran
+    for param in result.case.parameters():
+        table = Table(title=f"{param} delta", title_justify="left", show_edge=False)
+        for name in ran:
+            table.add_column(name)
+        table.add_row(*[np.array2string(result.runs[n].result.deltas[param], precision=8, max_line_width=60)
+                        if param in result.runs[n].result.deltas else "(none)" for n in ran])
+        tables.append(table)
+    return tables
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""How a mismatch is decided: one comparison helper, used for engine pairs and golden values.
+
+The rule, element by element, for values ``a`` and ``b`` of a parameter whose value before the
+step is ``p``::
+
+    |a - b| <= atol * (1 + |p|) + rtol * max(|a|, |b|)
+
+The absolute part grows with the parameter's magnitude because a delta computed as
+``(p - lr * g) - p`` carries a rounding error of order ``eps * |p|`` whatever the size of the
+delta: a purely relative tolerance would fail on small deltas of large weights. For losses and
+golden values there is no ``p`` and the rule is ``|a - b| <= atol + rtol * max(|a|, |b|)``.
+A NaN or an infinity never passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# (rtol, atol) per dtype. Measured engine-to-engine agreement on the bundled cases: about
+# 6e-8 absolute in float32 for |p| <= 1, about 2e-16 in float64. The defaults leave one to two
+# orders of magnitude of margin and stay far below what a real slip produces (a wrong
+# derivative, a dropped 1/N, a wrong slope all change deltas by tens of per cent).
+DEFAULT_TOLERANCE: dict[str, tuple[float, float]] = {
+    "float32": (1e-4, 1e-6),
+    "float64": (1e-9, 1e-13),
+}
+# Golden values are usually printed to 7 or 8 significant digits.
+EXPECTED_TOLERANCE: tuple[float, float] = (1e-6, 1e-7)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of comparing two arrays, with what a reader needs to act on a mismatch."""
+
+    param: str
+    a: str
+    b: str
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    rtol: float
+    ok: bool
+    worst_ratio: float = 0.0  # the largest |a - b| / allowed: 1.0 is the edge of the tolerance
+    mismatched: int = 0
+    total: int = 0
+    worst_index: tuple = ()
+    worst_a: float = 0.0
+    worst_b: float = 0.0
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
+
+
+def compare(
+    param: str,
+    a_name: str,
+    a: np.ndarray,
+    b_name: str,
+    b: np.ndarray,
+    rtol: float,
+    atol: float,
+    reference: np.ndarray | None = None,
+) -> Comparison:
+    """Compare ``a`` with ``b`` under the rule above; ``reference`` is ``p``, the value before the step."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    base = dict(param=param, a=a_name, b=b_name, atol=atol, rtol=rtol, total=int(a.size))
+    if a.shape != b.shape:
+        return Comparison(
+            **base, max_abs_diff=float("inf"), max_rel_diff=float("inf"), ok=False, worst_ratio=float("inf"),
+            mismatched=int(max(a.size, b.size)),
+            message=f"shape mismatch: {a_name} has shape {a.shape}, {b_name} has shape {b.shape}",
+        )
+    finite = np.isfinite(a) & np.isfinite(b)
+    magnitude = np.maximum(np.abs(a), np.abs(b))
+    scale = 1.0 if reference is None else 1.0 + np.abs(np.asarray(reference, dtype=np.float64))
+    allowed = atol * scale + rtol * np.where(finite, magnitude, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = np.where(finite, np.abs(a - b), np.inf)
+        rel = np.where(diff == 0, 0.0, diff / magnitude)
+        ratio = np.where(diff == 0, 0.0, diff / allowed)
+    bad = ~(diff <= allowed)
+    if a.size == 0:
+        return Comparison(**base, max_abs_diff=0.0, max_rel_diff=0.0, ok=True)
+    worst = np.unravel_index(int(np.argmax(ratio)), a.shape) if a.ndim else ()
+    result = Comparison(
+        **base,
+        max_abs_diff=float(diff.max()),
+        max_rel_diff=float(np.nan_to_num(rel, nan=np.inf).max()),
+        ok=not bad.any(),
+        worst_ratio=float(ratio.max()),
+        mismatched=int(bad.sum()),
+        worst_index=tuple(int(i) for i in worst),
+        worst_a=float(a[worst]),
+        worst_b=float(b[worst]),
+    )
+    if result.ok:
+        return result
+    return _with_message(result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None)
+
+
+def _with_message(c: Comparison, allowed_at_worst: float, scaled: bool) -> Comparison:
+    """A mismatch described like torch.testing.assert_close, in the case's own terms."""
+    where = f" at index {c.worst_index}" if c.worst_index else ""
+    lines = [
+        f"{c.param}: {c.a} and {c.b} disagree",
+        f"  mismatched elements: {c.mismatched} / {c.total} ({100 * c.mismatched / max(c.total, 1):.1f}%)",
+        f"  worst element{where}: {c.a} = {c.worst_a!r}, {c.b} = {c.worst_b!r}",
+        f"  greatest absolute difference: {c.max_abs_diff:.3g} (allowed there: {allowed_at_worst:.3g})",
+        f"  greatest relative difference: {c.max_rel_diff:.3g}",
+        f"  tolerance: rtol={c.rtol:g}, atol={c.atol:g}" + (" (atol scaled by 1 + |value before the step|)" if scaled else ""),
+    ]
+    if not (np.isfinite(c.worst_a) and np.isfinite(c.worst_b)):
+        lines.insert(1, "  a value is not finite (NaN or infinity): that never passes")
+    return Comparison(**{**asdict(c), "message": "\n".join(lines)})

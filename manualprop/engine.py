@@ -1,0 +1,90 @@
+"""The NumPy reference engine: one SGD step of a dense network, written as the maths reads.
+
+Forward, layer by layer::
+
+    Z = A_prev @ W + b          A = f(Z)
+
+Backward, from the loss down::
+
+    dZ = f'(Z) applied to dA    (or dZ = dL/dZ directly for cross-entropy on the logits)
+    dW = A_prev.T @ dZ          db = dZ summed over the batch
+    dA_prev = dZ @ W.T
+
+Update: ``p <- p - lr * dL/dp``. Every intermediate is kept in a LayerTrace per layer.
+"""
+
+from __future__ import annotations
+
+from . import activations, losses
+from .case import Case
+from .engines import LayerTrace, StepResult
+
+import numpy as np
+
+
+def forward(case: Case) -> list[LayerTrace]:
+    """Z and A for every layer, input side first."""
+    traces = []
+    a = case.inputs
+    for layer in case.layers:
+        z = a @ layer.kernel
+        if layer.bias is not None:
+            z = z + layer.bias
+        a = activations.get(layer.activation).forward(z, layer.alpha)
+        traces.append(LayerTrace(Z=z, A=a))
+    return traces
+
+
+def loss_value(case: Case, traces: list[LayerTrace]) -> float:
+    """L = scale * reduce(terms(y, t)), y the output A (or Z for cross-entropy on logits)."""
+    loss = losses.get(case.loss)
+    y = traces[-1].Z if loss.on_logits else traces[-1].A
+    return float(losses.reduce(loss.terms(y, case.targets), case.reduction, case.scale))
+
+
+def backward(case: Case, traces: list[LayerTrace]) -> None:
+    """Fill dA, dZ, dW and db of every trace, from the last layer to the first."""
+    loss = losses.get(case.loss)
+    last = traces[-1]
+    if loss.on_logits:
+        last.dZ = losses.gradient(loss, last.Z, case.targets, case.reduction, case.scale)
+    else:
+        last.dA = losses.gradient(loss, last.A, case.targets, case.reduction, case.scale)
+    for i in reversed(range(len(case.layers))):
+        layer, trace = case.layers[i], traces[i]
+        if trace.dZ is None:
+            trace.dZ = activations.get(layer.activation).backward(trace.dA, trace.Z, trace.A, layer.alpha)
+        a_prev = traces[i - 1].A if i > 0 else case.inputs
+        trace.dW = a_prev.T @ trace.dZ
+        trace.db = trace.dZ.sum(axis=0) if layer.bias is not None else None
+        if i > 0:
+            traces[i - 1].dA = trace.dZ @ layer.kernel.T
+
+
+def sgd_deltas(case: Case, traces: list[LayerTrace]) -> dict[str, np.ndarray]:
+    """(p - lr * dL/dp) - p for every parameter, computed in the case's dtype."""
+    lr = case.dtype.type(case.lr)
+    grads = {}
+    for i, trace in enumerate(traces):
+        grads[f"layers.{i}.kernel"] = trace.dW
+        if trace.db is not None:
+            grads[f"layers.{i}.bias"] = trace.db
+    params = case.parameters()
+    return {name: (params[name] - lr * grads[name]) - params[name] for name in params}
+
+
+class NumpyEngine:
+    """The reference engine; it needs nothing beyond NumPy."""
+
+    name = "numpy"
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def step(self, case: Case) -> StepResult:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            traces = forward(case)
+            loss = loss_value(case, traces)
+            backward(case, traces)
+            deltas = sgd_deltas(case, traces)
+        return StepResult(loss=loss, deltas=deltas, trace=traces)

@@ -1,0 +1,126 @@
+"""The engine protocol and the registry that finds engines.
+
+Built-in engines are ``numpy`` (this package), ``torch`` and ``keras`` (``manualprop.adapters``).
+Third-party packages add engines through the entry-point group ``manualprop.engines``; each
+entry point names a class (or factory) whose instances satisfy :class:`Engine`::
+
+    [project.entry-points."manualprop.engines"]
+    jax = "manualprop_jax:JaxEngine"
+
+Looking an engine up never imports its framework: ``unavailable()`` checks for it cheaply and
+``step()`` imports it on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .case import Case
+
+GROUP = "manualprop.engines"
+
+
+@dataclass
+class LayerTrace:
+    """One layer's intermediates, kernels and gradients in the (in, out) layout.
+
+    Forward: ``Z = A_prev @ W + b``, ``A = f(Z)``. Backward: ``dA = dL/dA``, ``dZ = dL/dZ``,
+    ``dW = A_prev.T @ dZ``, ``db = dZ summed over the batch``. An engine fills what it can.
+    """
+
+    Z: np.ndarray | None = None
+    A: np.ndarray | None = None
+    dA: np.ndarray | None = None
+    dZ: np.ndarray | None = None
+    dW: np.ndarray | None = None
+    db: np.ndarray | None = None
+
+
+@dataclass
+class StepResult:
+    """What one step returns: the loss before the step and, per parameter, updated minus initial.
+
+    ``deltas`` is keyed ``layers.<i>.kernel`` / ``layers.<i>.bias`` with every kernel in the
+    (in, out) layout, whatever layout the engine keeps internally.
+    """
+
+    loss: float
+    deltas: dict[str, np.ndarray]
+    trace: list[LayerTrace] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An engine: a name, whether it can run here (and if not, why), and one SGD step.
+
+    ``unavailable()`` returns None when the engine can run, else a reason a person can act on
+    (what is missing and the command that installs it). ``step(case)`` runs the forward pass,
+    the loss, backpropagation and one update ``p <- p - lr * dL/dp`` on the whole batch, and
+    returns a :class:`StepResult` whose deltas use the parameter names and the (in, out)
+    kernel layout of the SPEC, in the case's dtype.
+    """
+
+    name: str
+
+    def unavailable(self) -> str | None: ...
+
+    def step(self, case: "Case") -> StepResult: ...
+
+
+BUILTIN: dict[str, str] = {
+    "numpy": "manualprop.engine:NumpyEngine",
+    "torch": "manualprop.adapters.torch_engine:TorchEngine",
+    "keras": "manualprop.adapters.keras_engine:KerasEngine",
+}
+
+
+def _load(target: str) -> Callable[[], Engine]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _factories() -> dict[str, Callable[[], Engine] | str]:
+    """Engine name -> factory (or 'module:attr' not yet imported), built-ins first."""
+    found: dict[str, Callable[[], Engine] | str] = dict(BUILTIN)
+    for ep in entry_points(group=GROUP):
+        if ep.name not in found:
+            found[ep.name] = ep.value
+    return found
+
+
+_instances: dict[str, Engine] = {}
+_extra: dict[str, Callable[[], Engine]] = {}
+
+
+def register(name: str, factory: Callable[[], Engine]) -> None:
+    """Register an engine in this process (tests use it; packages use the entry point)."""
+    _extra[name] = factory
+    _instances.pop(name, None)
+
+
+def unregister(name: str) -> None:
+    _extra.pop(name, None)
+    _instances.pop(name, None)
+
+
+def names() -> list[str]:
+    """Every registered engine name, built-ins first."""
+    return [*_factories(), *(n for n in _extra if n not in _factories())]
+
+
+def get(name: str) -> Engine:
+    """The engine registered under ``name`` (one instance per process)."""
+    if name not in _instances:
+        factory = _extra.get(name) or _factories().get(name)
+        if factory is None:
+            raise ValueError(f"Unknown engine {name!r}. Registered: {', '.join(names())}")
+        if isinstance(factory, str):
+            factory = _load(factory)
+        _instances[name] = factory()
+    return _instances[name]

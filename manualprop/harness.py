@@ -1,0 +1,187 @@
+"""Running cases through engines and deciding what agrees: shared by the CLI and pytest."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from itertools import combinations
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import engines
+from .case import Case, display_path, load_case
+from .compare import Comparison, compare
+from .engines import StepResult
+from .errors import CaseError
+
+CASE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class EngineRun:
+    """One engine on one case: ``ran`` with a result, ``skipped`` or ``error`` with a reason."""
+
+    engine: str
+    status: str
+    result: StepResult | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CaseResult:
+    """A case file's outcome: a load error, or the runs and every comparison made."""
+
+    path: str
+    case: Case | None = None
+    error: CaseError | None = None
+    runs: dict[str, EngineRun] = field(default_factory=dict)
+    comparisons: list[Comparison] = field(default_factory=list)
+    expected: list[Comparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None
+            and all(run.status != "error" for run in self.runs.values())
+            and all(c.ok for c in self.comparisons)
+            and all(c.ok for c in self.expected)
+        )
+
+    @property
+    def ran(self) -> list[str]:
+        return [name for name, run in self.runs.items() if run.status == "ran"]
+
+
+def bundled_cases() -> Path:
+    """The project's own cases: installed beside the package, or at the top of a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "cases", here.parent / "cases"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"the bundled cases are missing (looked in {here / 'cases'} and {here.parent / 'cases'})")
+
+
+def find_cases(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Case files named directly, and every *.yaml / *.yml below the folders named."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix in CASE_SUFFIXES and p.is_file()))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {raw}")
+    return found
+
+
+def select_engines(case: Case, requested: Iterable[str] | None = None) -> list[str]:
+    """The engines to run: those requested (default: all registered) that the case allows."""
+    names = list(requested) if requested else engines.names()
+    return [n for n in names if case.engines is None or n in case.engines]
+
+
+def run_engine(case: Case, name: str) -> EngineRun:
+    """One step of ``case`` in engine ``name``; a missing framework is a skip, a crash an error."""
+    engine = engines.get(name)
+    reason = engine.unavailable()
+    if reason:
+        return EngineRun(name, "skipped", reason=reason)
+    start = time.perf_counter()
+    try:
+        result = engine.step(case)
+    except Exception as err:  # an engine's failure is an outcome to report, not a crash
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        reason = f"{type(err).__name__}: {err} (at {Path(where.filename).name}:{where.lineno})"
+        return EngineRun(name, "error", reason=reason, seconds=time.perf_counter() - start)
+    return EngineRun(name, "ran", result=result, seconds=time.perf_counter() - start)
+
+
+def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
+    """The loss and every parameter's delta of two engines that ran, under the case's tolerance."""
+    results = [compare("loss", a.engine, np.array(a.result.loss), b.engine, np.array(b.result.loss), case.rtol, case.atol)]
+    for param, initial in case.parameters().items():
+        da, db = a.result.deltas.get(param), b.result.deltas.get(param)
+        if da is None or db is None:
+            missing = a.engine if da is None else b.engine
+            results.append(Comparison(param, a.engine, b.engine, float("inf"), float("inf"), case.atol, case.rtol, False,
+                                      float("inf"), message=f"{param}: {missing} returned no delta for it"))
+            continue
+        results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial))
+    return results
+
+
+def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
+    """One engine's loss, updated parameters and deltas against the case's golden values."""
+    exp = case.expected
+    if exp is None or run.status != "ran":
+        return []
+    results = []
+    if exp.loss is not None:
+        results.append(compare("loss", run.engine, np.array(run.result.loss), "expected", np.array(exp.loss), exp.rtol, exp.atol))
+    params = case.parameters()
+    for kind, table in (("updated", exp.updated), ("deltas", exp.deltas)):
+        for param, value in table.items():
+            delta = run.result.deltas.get(param)
+            if delta is None:
+                results.append(Comparison(param, run.engine, "expected", float("inf"), float("inf"), exp.atol, exp.rtol,
+                                          False, float("inf"), message=f"{param}: {run.engine} returned no delta for it"))
+                continue
+            got = params[param].astype(np.float64) + delta if kind == "updated" else delta
+            c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol)
+            results.append(replace(c, extra={"kind": kind}, message=c.message.replace(f"{param}:", f"{param} ({kind}):", 1)))
+    return results
+
+
+def run_case(case: Case, requested: Iterable[str] | None = None) -> CaseResult:
+    """Every selected engine on ``case``, each pair compared, golden values checked."""
+    result = CaseResult(case.path, case)
+    for name in select_engines(case, requested):
+        result.runs[name] = run_engine(case, name)
+    ran = [result.runs[n] for n in result.ran]
+    for a, b in combinations(ran, 2):
+        result.comparisons.extend(compare_pair(case, a, b))
+    for run in ran:
+        result.expected.extend(check_expected(case, run))
+    return result
+
+
+def run_paths(paths: Iterable[Path], requested: Iterable[str] | None = None) -> Iterator[CaseResult]:
+    """Load and run each case file; a file that does not load yields a result with its error."""
+    known = engines.names()
+    for path in paths:
+        try:
+            case = load_case(path, known)
+        except CaseError as err:
+            yield CaseResult(display_path(path), error=err)
+            continue
+        yield run_case(case, requested)
+
+
+def environment() -> dict[str, str | None]:
+    """Versions of what the engines run on, read without importing any framework."""
+
+    def version(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": version("torch"),
+        "tensorflow": version("tensorflow", "tensorflow-cpu"),
+        "keras": version("keras"),
+        "manualprop": version("manualprop"),
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,75 @@
+"""The JSON report of ``manualprop run --json FILE`` (SPEC section 5)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import format_path
+from .harness import CaseResult, EngineRun
+
+
+def _finite_or_text(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers are written as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_or_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_text(v) for v in value]
+    return value
+
+
+def _engine_json(run: EngineRun) -> dict:
+    if run.status != "ran":
+        return {"status": run.status, "reason": run.reason}
+    return {
+        "status": "ran",
+        "loss": run.result.loss,
+        "deltas": {name: np.asarray(delta, dtype=np.float64).tolist() for name, delta in run.result.deltas.items()},
+        "seconds": round(run.seconds, 6),
+    }
+
+
+def case_json(result: CaseResult) -> dict:
+    if result.error is not None:
+        return {
+            "name": Path(result.path).stem,
+            "path": result.path,
+            "ok": False,
+            "error": str(result.error),
+            "problems": [
+                {"field": format_path(p.path), "line": p.line, "message": p.message}
+                for p in result.error.problems
+            ],
+        }
+    case = result.case
+    expected = []
+    for c in result.expected:
+        entry = c.to_json()
+        entry["engine"] = entry.pop("a")
+        entry.pop("b")
+        expected.append(entry)
+    return {
+        "name": case.name,
+        "path": result.path,
+        "ok": result.ok,
+        "dtype": case.dtype.name,
+        "engines": {name: _engine_json(run) for name, run in result.runs.items()},
+        "comparisons": [c.to_json() for c in result.comparisons],
+        "expected": expected,
+    }
+
+
+def build(results: Iterable[CaseResult], environment: dict) -> dict:
+    cases = [case_json(r) for r in results]
+    return {"ok": all(c["ok"] for c in cases), "environment": environment, "cases": cases}
+
+
+def write(report: dict, path: str | Path) -> None:
+    text = json.dumps(_finite_or_text(report), indent=1, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,171 @@
+"""The case file's schema: what may be written, as pydantic models (``manualprop schema``).
+
+These models check types, names and unknown keys; shapes and the links between fields are
+checked in :mod:`manualprop.case`, which turns a validated file into arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
+
+ActivationName = Literal["linear", "sigmoid", "tanh", "relu", "leaky_relu", "softmax"]
+LossName = Literal["mse", "mae", "categorical_crossentropy", "cce"]
+InitName = Literal[
+    "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros"
+]
+Shape = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=2)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Uniform(_Strict):
+    """Numbers drawn uniformly from [low, high)."""
+
+    random: Literal["uniform"]
+    shape: Optional[Shape] = None
+    low: float = 0.0
+    high: float = 1.0
+
+
+class Normal(_Strict):
+    """Numbers drawn from a normal distribution."""
+
+    random: Literal["normal"]
+    shape: Optional[Shape] = None
+    mean: float = 0.0
+    std: Annotated[float, Field(gt=0)] = 1.0
+
+
+class OneHot(_Strict):
+    """Rows with a single 1 in a uniformly drawn column (classification targets)."""
+
+    random: Literal["one_hot"]
+    shape: Optional[Shape] = None
+
+
+Generated = Annotated[Union[Uniform, Normal, OneHot], Field(discriminator="random")]
+_NUMBERS = {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}
+LiteralArray = Annotated[list, WithJsonSchema(_NUMBERS)]
+
+
+def _array_kind(value: Any) -> str:
+    return "generated" if isinstance(value, dict) else "literal"
+
+
+def _bias_kind(value: Any) -> str:
+    return "flag" if isinstance(value, bool) else _array_kind(value)
+
+
+ArrayValue = Annotated[
+    Union[Annotated[Generated, Tag("generated")], Annotated[LiteralArray, Tag("literal")]],
+    Discriminator(_array_kind),
+]
+BiasValue = Annotated[
+    Union[
+        Annotated[Generated, Tag("generated")],
+        Annotated[LiteralArray, Tag("literal")],
+        Annotated[bool, Tag("flag")],
+    ],
+    Discriminator(_bias_kind),
+]
+
+
+class ActivationSpec(_Strict):
+    """An activation with its parameter: ``{name: leaky_relu, alpha: 0.1}``."""
+
+    name: ActivationName
+    alpha: Optional[float] = None
+
+
+def _spec_kind(value: Any) -> str:
+    return "by-spec" if isinstance(value, dict) else "by-name"
+
+
+ActivationValue = Annotated[
+    Union[Annotated[ActivationName, Tag("by-name")], Annotated[ActivationSpec, Tag("by-spec")]],
+    Discriminator(_spec_kind),
+]
+
+
+class LossSpec(_Strict):
+    """A loss with its reduction and a constant factor on the reduced value."""
+
+    name: LossName
+    reduction: Literal["mean", "sum"] = "mean"
+    scale: float = 1.0
+
+
+LossValue = Annotated[
+    Union[Annotated[LossName, Tag("by-name")], Annotated[LossSpec, Tag("by-spec")]],
+    Discriminator(_spec_kind),
+]
+
+
+class Tolerance(_Strict):
+    """|a - b| <= atol * (1 + |p|) + rtol * max(|a|, |b|), p the parameter before the step."""
+
+    rtol: Optional[Annotated[float, Field(ge=0)]] = None
+    atol: Optional[Annotated[float, Field(ge=0)]] = None
+
+
+class LayerSpec(_Strict):
+    """One dense layer: A = activation(A_prev @ kernel + bias)."""
+
+    units: Annotated[int, Field(gt=0)]
+    activation: ActivationValue = "linear"
+    kernel: Optional[ArrayValue] = Field(None, description="(in, out), the Keras layout")
+    weight: Optional[ArrayValue] = Field(None, description="(out, in), the PyTorch layout")
+    bias: Optional[BiasValue] = Field(None, description="default zeros; false for no bias")
+    init: Optional[InitName] = Field(None, description="how to draw the kernel when none is given")
+
+    @property
+    def activation_name(self) -> str:
+        return self.activation.name if isinstance(self.activation, ActivationSpec) else self.activation
+
+
+class ExpectedSpec(_Strict):
+    """Golden values from a trusted source, checked against every engine that ran."""
+
+    loss: Optional[float] = None
+    updated: dict[str, LiteralArray] = Field(default_factory=dict)
+    deltas: dict[str, LiteralArray] = Field(default_factory=dict)
+    tolerance: Optional[Tolerance] = None
+
+
+class CaseSpec(_Strict):
+    """A manualprop case: a dense network, its data, a loss and one plain SGD step."""
+
+    model_config = ConfigDict(title="manualprop case")
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    dtype: Literal["float32", "float64"] = "float32"
+    seed: Annotated[int, Field(ge=0)] = 0
+    loss: LossValue
+    lr: Annotated[float, Field(gt=0)]
+    inputs: ArrayValue
+    targets: ArrayValue
+    layers: Annotated[list[LayerSpec], Field(min_length=1)]
+    engines: Optional[Annotated[list[str], Field(min_length=1)]] = None
+    tolerance: Optional[Tolerance] = None
+    expected: Optional[ExpectedSpec] = None
+
+
+# Names pydantic puts in an error's location for a union branch, not a field of the file.
+UNION_TAGS = frozenset({"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot"})
+
+FIELD_NAMES = sorted(
+    {name for model in (Uniform, Normal, OneHot, ActivationSpec, LossSpec, Tolerance, LayerSpec, ExpectedSpec, CaseSpec)
+     for name in model.model_fields}
+)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a case file, for editors."""
+    schema = CaseSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
