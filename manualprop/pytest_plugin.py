@@ -1,0 +1,118 @@
+"""Case files as pytest items (pytest's "non-python tests" pattern).
+
+The repository's conftest.py loads this plugin, so ``pytest`` collects every ``*.yaml`` /
+``*.yml`` below a folder named ``cases``: one item per pair of engines, named like
+``cs4820-a7-tanh-softmax[numpy-vs-torch]``, and one per engine for golden values
+(``[keras-vs-expected]``). A failure is reported in the case's terms (parameter, worst
+element, both values, tolerance), a missing framework is a skip with its reason, and a case
+file that does not load is one failing item that lists its problems.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from . import engines, harness
+from .case import Case, load_case
+from .compare import Comparison
+from .errors import CaseError
+
+# Engine runs are shared by the items of a case within one process (one pytest-xdist worker).
+_runs: dict[tuple[str, str], harness.EngineRun] = {}
+
+
+def _run(case: Case, name: str) -> harness.EngineRun:
+    key = (case.path, name)
+    if key not in _runs:
+        _runs[key] = harness.run_engine(case, name)
+    return _runs[key]
+
+
+def _needed(run: harness.EngineRun) -> None:
+    if run.status == "skipped":
+        pytest.skip(f"{run.engine}: {run.reason}")
+    if run.status == "error":
+        raise CaseFailure(f"{run.engine} failed to run the case: {run.reason}")
+
+
+def is_case_file(file_path: Path, rootpath: Path) -> bool:
+    """A *.yaml / *.yml file below a folder named ``cases`` inside the rootdir."""
+    try:
+        folders = file_path.relative_to(rootpath).parts[:-1]
+    except ValueError:
+        folders = file_path.parts[:-1]
+    return file_path.suffix in harness.CASE_SUFFIXES and "cases" in folders
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):
+    if is_case_file(file_path, parent.config.rootpath):
+        return CaseFile.from_parent(parent, path=file_path)
+    return None
+
+
+class CaseFailure(Exception):
+    """A failed comparison, described in the case's own terms."""
+
+
+class CaseFile(pytest.File):
+    def collect(self):
+        try:
+            case = load_case(self.path, engines.names())
+        except CaseError as err:
+            yield InvalidCaseItem.from_parent(self, name=f"{self.path.stem}[valid-case-file]", error=err)
+            return
+        selected = harness.select_engines(case)
+        for a, b in combinations(selected, 2):
+            yield PairItem.from_parent(self, name=f"{case.name}[{a}-vs-{b}]", case=case, engines=(a, b))
+        if case.expected is not None:
+            for name in selected:
+                yield ExpectedItem.from_parent(self, name=f"{case.name}[{name}-vs-expected]", case=case, engines=(name,))
+
+
+class _CaseItem(pytest.Item):
+    def __init__(self, *, case: Case | None = None, engines: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+        self.engines = engines
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, (CaseFailure, CaseError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        line = (self.case.lines.get(()) or 1) - 1 if self.case else 0
+        return self.path, line, self.name
+
+    def fail_on(self, comparisons: list[Comparison]) -> None:
+        bad = [c for c in comparisons if not c.ok]
+        if bad:
+            header = f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {len(bad)} of {len(comparisons)} comparisons fail"
+            raise CaseFailure("\n".join([header, *(c.message for c in bad)]))
+
+
+class PairItem(_CaseItem):
+    def runtest(self):
+        a, b = (_run(self.case, name) for name in self.engines)
+        _needed(a)
+        _needed(b)
+        self.fail_on(harness.compare_pair(self.case, a, b))
+
+
+class ExpectedItem(_CaseItem):
+    def runtest(self):
+        run = _run(self.case, self.engines[0])
+        _needed(run)
+        self.fail_on(harness.check_expected(self.case, run))
+
+
+class InvalidCaseItem(_CaseItem):
+    def __init__(self, *, error: CaseError, **kwargs):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def runtest(self):
+        raise self.error
