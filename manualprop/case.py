@@ -117,7 +117,7 @@ def parse_case(text: str, file: str, default_name: str = "case", known_engines: 
     except yamlsafe.YamlError as err:
         raise CaseError(file, [err.problem]) from None
     if not isinstance(data, dict):
-        found = type(data).__name__ if not isinstance(data, list) else "a list"
+        found = "a list" if isinstance(data, list) else "nothing" if data is None else f"{type(data).__name__} {_show(data)}"
         raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", 1)])
     try:
         spec = schema.CaseSpec.model_validate(data)
@@ -142,7 +142,10 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
     kind, found = error["type"], error.get("input")
     if kind == "extra_forbidden":
         key = loc[-1]
-        close = difflib.get_close_matches(str(key), schema.FIELD_NAMES, n=1)
+        parent = loc[-2] if len(loc) > 1 else None
+        allowed = schema.KEYS_UNDER.get(int if isinstance(parent, int) else parent, schema.FIELD_NAMES)
+        close = [schema.KEY_ALIASES[key]] if schema.KEY_ALIASES.get(key) in allowed else []
+        close = close or difflib.get_close_matches(str(key), allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         message = f"unknown key {key!r}{hint}"
     elif kind == "missing":
@@ -195,6 +198,9 @@ class _Builder:
             return None
         if not _fits(found, shape):
             self.problem(path, f"expected shape {_show_shape(shape)} ({what}), found {found}")
+            return None
+        if 0 in found:
+            self.problem(path, f"expected at least one value along each axis {what}, found shape {found}")
             return None
         return np.array(value, dtype=np.float64).astype(self.dtype)
 
@@ -259,7 +265,7 @@ class _Builder:
         layers = []
         for i, layer_spec in enumerate(spec.layers):
             layers.append(self.layer(i, layer_spec, fan_in, batch))
-            fan_in = layer_spec.units
+            fan_in = layer_spec.units if layer_spec.units <= MAX_ELEMENTS else None  # too many: reported once, above
         loss_spec = spec.loss if isinstance(spec.loss, schema.LossSpec) else schema.LossSpec(name=spec.loss)
         loss_name = "categorical_crossentropy" if loss_spec.name == "cce" else loss_spec.name
         if loss_name == "categorical_crossentropy" and layers and spec.layers[-1].activation_name != "softmax":

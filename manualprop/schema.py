@@ -163,6 +163,21 @@ FIELD_NAMES = sorted(
      for name in model.model_fields}
 )
 
+# The keys allowed in a mapping, by the key it sits under (None: the top level, int: a layer).
+_GENERATED_KEYS = sorted({name for model in (Uniform, Normal, OneHot) for name in model.model_fields})
+KEYS_UNDER: dict[object, list[str]] = {
+    None: list(CaseSpec.model_fields),
+    int: list(LayerSpec.model_fields),
+    "activation": list(ActivationSpec.model_fields),
+    "loss": list(LossSpec.model_fields),
+    "tolerance": list(Tolerance.model_fields),
+    "expected": list(ExpectedSpec.model_fields),
+    **{key: _GENERATED_KEYS for key in ("inputs", "targets", "kernel", "weight", "bias")},
+}
+
+# What users of other tools write for a field, too far from its name for a spelling match.
+KEY_ALIASES = {"learning_rate": "lr", "x": "inputs", "y": "targets", "labels": "targets", "use_bias": "bias"}
+
 
 def json_schema() -> dict:
     """The JSON Schema of a case file, for editors."""
