@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -85,6 +86,9 @@ def _import_keras():
     kept = [line for line in text.splitlines() if line.strip() and not _IMPORT_NOISE.search(line)]
     if kept:
         print("\n".join(kept), file=sys.stderr)
+    # Each case builds a fresh model, so TensorFlow traces one step function per case and warns
+    # that retracing is expensive: expected here, and the only message this filter drops.
+    logging.getLogger("tensorflow").addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
     return keras
 
 

@@ -73,10 +73,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Console(highlight=False)
+    # soft_wrap: a message or a path is never broken across lines, so it can be searched for.
+    out = Console(highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = Console(highlight=False, width=120)  # logs and CI: wide enough for three engine pairs
-    err = Console(stderr=True, highlight=False)
+        out = Console(highlight=False, soft_wrap=True, width=120)  # logs and CI: room for three engine pairs
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         paths = harness.find_cases(args.paths or [harness.bundled_cases()])
     except FileNotFoundError as e:
