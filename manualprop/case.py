@@ -122,7 +122,8 @@ def parse_case(text: str, file: str, default_name: str = "case", known_engines: 
     try:
         spec = schema.CaseSpec.model_validate(data)
     except ValidationError as err:
-        raise CaseError(file, [_problem_from_pydantic(e, lines) for e in err.errors()]) from None
+        problems = [_problem_from_pydantic(e, lines) for e in err.errors()]
+        raise CaseError(file, sorted(problems, key=lambda p: p.line or 0)) from None
     builder = _Builder(spec, lines, known_engines)
     case = builder.build(file, default_name)
     if builder.problems:
@@ -144,8 +145,9 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
         key = loc[-1]
         parent = loc[-2] if len(loc) > 1 else None
         allowed = schema.KEYS_UNDER.get(int if isinstance(parent, int) else parent, schema.FIELD_NAMES)
-        close = [schema.KEY_ALIASES[key]] if schema.KEY_ALIASES.get(key) in allowed else []
-        close = close or difflib.get_close_matches(str(key), allowed, n=1)
+        aliases = {alias: name for alias, name in schema.KEY_ALIASES.items() if name in allowed}
+        close = difflib.get_close_matches(str(key), [*allowed, *aliases], n=1)
+        close = [aliases.get(c, c) for c in close]
         hint = f"; did you mean {close[0]!r}?" if close else ""
         message = f"unknown key {key!r}{hint}"
     elif kind == "missing":
@@ -197,10 +199,10 @@ class _Builder:
         if found is None:
             return None
         if not _fits(found, shape):
-            self.problem(path, f"expected shape {_show_shape(shape)} ({what}), found {found}")
+            self.problem(path, f"expected shape {_show_shape(shape)} = {what}, found {found}")
             return None
         if 0 in found:
-            self.problem(path, f"expected at least one value along each axis {what}, found shape {found}")
+            self.problem(path, f"expected at least one value along each axis of {what}, found shape {found}")
             return None
         return np.array(value, dtype=np.float64).astype(self.dtype)
 
@@ -232,10 +234,10 @@ class _Builder:
         if gen.shape is not None:
             drawn = tuple(gen.shape)
             if not _fits(drawn, shape):
-                self.problem((*path, "shape"), f"expected shape {_show_shape(shape)} ({what}), found {drawn}")
+                self.problem((*path, "shape"), f"expected shape {_show_shape(shape)} = {what}, found {drawn}")
                 return None
         elif None in shape:
-            self.problem(path, f"a generated array needs `shape:` here ({what})")
+            self.problem(path, f"a generated array needs `shape:` here: {what}")
             return None
         else:
             drawn = shape
@@ -342,12 +344,12 @@ class _Builder:
 
     def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int) -> np.ndarray | None:
         if spec.weight is not None:
-            weight = self.array(spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer): the PyTorch layout")
+            weight = self.array(spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer), the PyTorch layout")
             return None if weight is None else np.ascontiguousarray(weight.T)
         if spec.kernel is not None:
             if spec.init is not None:
                 self.problem((*path, "init"), "init draws a kernel; this layer gives its kernel already")
-            return self.array(spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units): the Keras layout")
+            return self.array(spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units), the Keras layout")
         return _initial_kernel(spec.init or "glorot_uniform", fan_in, spec.units, self.rng).astype(self.dtype)
 
     def expected(self, case: Case) -> Expected:
@@ -369,7 +371,7 @@ class _Builder:
                     self.problem(path, f"layer {index} has no bias (bias: false), so {name} cannot be checked")
                     continue
                 target = params[key].shape if kind != "weight" else params[key].shape[::-1]
-                array = self.literal(value, path, target, "the shape of the parameter" + (", (out, in)" if kind == "weight" else ""))
+                array = self.literal(value, path, target, f"the shape of {key}" + (" in the (out, in) layout" if kind == "weight" else ""))
                 if array is not None:
                     if key in tables[section]:
                         self.problem(path, f"{key} is given twice (as kernel and as weight)")
