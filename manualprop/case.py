@@ -90,9 +90,10 @@ class Case:
 def display_path(path: Path) -> str:
     """The path relative to the working folder when it lies below it, else absolute."""
     try:
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+        relative = os.path.relpath(path)
     except ValueError:  # another drive on Windows
         return str(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def load_case(path: str | os.PathLike, known_engines: Iterable[str] | None = None) -> Case:

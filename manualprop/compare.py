@@ -103,6 +103,13 @@ def compare(
     return _with_message(result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None)
 
 
+def missing(param: str, a_name: str, b_name: str, rtol: float, atol: float, absent: str) -> Comparison:
+    """A failed comparison for a parameter that engine ``absent`` returned no value for."""
+    inf = float("inf")
+    return Comparison(param=param, a=a_name, b=b_name, max_abs_diff=inf, max_rel_diff=inf, atol=atol, rtol=rtol,
+                      ok=False, worst_ratio=inf, message=f"{param}: {absent} returned no delta for it")
+
+
 def _with_message(c: Comparison, allowed_at_worst: float, scaled: bool) -> Comparison:
     """A mismatch described like torch.testing.assert_close, in the case's own terms."""
     where = f" at index {c.worst_index}" if c.worst_index else ""

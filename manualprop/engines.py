@@ -111,7 +111,8 @@ def unregister(name: str) -> None:
 
 def names() -> list[str]:
     """Every registered engine name, built-ins first."""
-    return [*_factories(), *(n for n in _extra if n not in _factories())]
+    found = _factories()
+    return [*found, *(n for n in _extra if n not in found)]
 
 
 def get(name: str) -> Engine:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import engines
 from .case import Case, display_path, load_case
-from .compare import Comparison, compare
+from .compare import Comparison, compare, missing
 from .engines import StepResult
 from .errors import CaseError
 
@@ -110,9 +110,7 @@ def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
     for param, initial in case.parameters().items():
         da, db = a.result.deltas.get(param), b.result.deltas.get(param)
         if da is None or db is None:
-            missing = a.engine if da is None else b.engine
-            results.append(Comparison(param, a.engine, b.engine, float("inf"), float("inf"), case.atol, case.rtol, False,
-                                      float("inf"), message=f"{param}: {missing} returned no delta for it"))
+            results.append(missing(param, a.engine, b.engine, case.rtol, case.atol, a.engine if da is None else b.engine))
             continue
         results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial))
     return results
@@ -131,8 +129,7 @@ def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
         for param, value in table.items():
             delta = run.result.deltas.get(param)
             if delta is None:
-                results.append(Comparison(param, run.engine, "expected", float("inf"), float("inf"), exp.atol, exp.rtol,
-                                          False, float("inf"), message=f"{param}: {run.engine} returned no delta for it"))
+                results.append(missing(param, run.engine, "expected", exp.rtol, exp.atol, run.engine))
                 continue
             got = params[param].astype(np.float64) + delta if kind == "updated" else delta
             c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol)

@@ -41,6 +41,17 @@ class SignFlipEngine(NumpyEngine):
         return StepResult(result.loss, {k: -v for k, v in result.deltas.items()})
 
 
+class ForgetfulEngine(NumpyEngine):
+    """The NumPy engine, losing the last bias on the way out."""
+
+    name = "forgetful"
+
+    def step(self, case):
+        result = super().step(case)
+        result.deltas.pop(f"layers.{len(case.layers) - 1}.bias")
+        return result
+
+
 class CrashingEngine:
     name = "crashing"
 
@@ -63,10 +74,10 @@ class MissingEngine:
 
 @pytest.fixture
 def extra_engines():
-    for cls in (SignFlipEngine, CrashingEngine, MissingEngine):
+    for cls in (SignFlipEngine, ForgetfulEngine, CrashingEngine, MissingEngine):
         engines.register(cls.name, cls)
     yield
-    for cls in (SignFlipEngine, CrashingEngine, MissingEngine):
+    for cls in (SignFlipEngine, ForgetfulEngine, CrashingEngine, MissingEngine):
         engines.unregister(cls.name)
 
 
@@ -94,6 +105,11 @@ def test_a_disagreement_exits_1_and_names_the_parameter(good, tmp_path, capsys, 
     keys = {"param", "a", "b", "max_abs_diff", "max_rel_diff", "atol", "rtol", "ok"}
     assert all(keys <= set(c) for c in comparisons)
     assert {c["param"] for c in comparisons if not c["ok"]} >= {"layers.0.kernel", "layers.1.bias"}
+
+
+def test_an_engine_that_returns_too_few_deltas_fails(good, capsys, extra_engines):
+    assert cli.main(["run", str(good), "--engines", "numpy,forgetful"]) == 1
+    assert "layers.1.bias: forgetful returned no delta for it" in capsys.readouterr().out
 
 
 def test_an_engine_that_crashes_exits_1_with_its_reason(good, capsys, extra_engines):
