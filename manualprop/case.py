@@ -49,6 +49,7 @@ class Expected:
     deltas: dict[str, np.ndarray]
     rtol: float
     atol: float
+    given_as: dict[tuple[str, str], str] = field(default_factory=dict)  # (section, kernel name) -> key in the file
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,7 @@ class _Builder:
         exp = self.spec.expected
         params = case.parameters()
         tables: dict[str, dict[str, np.ndarray]] = {"updated": {}, "deltas": {}}
+        given_as: dict[tuple[str, str], str] = {}
         for section, values in (("updated", exp.updated), ("deltas", exp.deltas)):
             for name, value in values.items():
                 path = ("expected", section, name)
@@ -377,8 +379,9 @@ class _Builder:
                     if key in tables[section]:
                         self.problem(path, f"{key} is given twice (as kernel and as weight)")
                     tables[section][key] = array.T if kind == "weight" else array
+                    given_as[(section, key)] = name
         rtol, atol = _tolerance(exp.tolerance, EXPECTED_TOLERANCE)
-        return Expected(exp.loss, tables["updated"], tables["deltas"], rtol, atol)
+        return Expected(exp.loss, tables["updated"], tables["deltas"], rtol, atol, given_as)
 
 
 def _tolerance(given: schema.Tolerance | None, default: tuple[float, float]) -> tuple[float, float]:

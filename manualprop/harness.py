@@ -18,7 +18,7 @@ from . import engines
 from .case import Case, display_path, load_case
 from .compare import Comparison, compare, missing
 from .engines import StepResult
-from .errors import CaseError
+from .errors import CaseError, format_path
 
 CASE_SUFFIXES = (".yaml", ".yml")
 
@@ -113,7 +113,21 @@ def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
             results.append(missing(param, a.engine, b.engine, case.rtol, case.atol, a.engine if da is None else b.engine))
             continue
         results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial))
-    return results
+    return [_located(case, c, _field_of(c.param)) for c in results]
+
+
+def _field_of(param: str) -> tuple:
+    """'layers.1.kernel' -> ("layers", 1, "kernel"): where the case file defines the parameter."""
+    parts = param.split(".")
+    return ("layers", int(parts[1]), parts[2]) if len(parts) == 3 else ()
+
+
+def _located(case: Case, c: Comparison, field: tuple) -> Comparison:
+    """A failed comparison with the place in the case file that it concerns."""
+    if c.ok or not field:
+        return c
+    where = f"{case.path}:{case.line_of(field)}" if case.line_of(field) else case.path
+    return replace(c, message=f"{c.message}\n  in the case file: {where} ({format_path(field)})")
 
 
 def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
@@ -133,7 +147,10 @@ def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
                 continue
             got = params[param].astype(np.float64) + delta if kind == "updated" else delta
             c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol)
-            results.append(replace(c, extra={"kind": kind}, message=c.message.replace(f"{param}:", f"{param} ({kind}):", 1)))
+            given = exp.given_as.get((kind, param), param)
+            label = f"{param} ({kind}" + (f", given as {given} in the (out, in) layout" if given != param else "") + ")"
+            c = replace(c, extra={"kind": kind}, message=c.message.replace(f"{param}:", f"{label}:", 1))
+            results.append(_located(case, c, ("expected", kind, given)))
     return results
 
 

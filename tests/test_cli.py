@@ -101,6 +101,7 @@ def test_a_disagreement_exits_1_and_names_the_parameter(good, tmp_path, capsys, 
     assert cli.main(["run", str(good), "--engines", "numpy,signflip", "--json", str(out)]) == 1
     text = capsys.readouterr().out
     assert "FAIL" in text and "layers.0.kernel: numpy and signflip disagree" in text
+    assert "in the case file: " in text and "good.yaml:8 (layers[0].kernel)" in text
     comparisons = json.loads(out.read_text())["cases"][0]["comparisons"]
     keys = {"param", "a", "b", "max_abs_diff", "max_rel_diff", "atol", "rtol", "ok"}
     assert all(keys <= set(c) for c in comparisons)
