@@ -15,6 +15,11 @@ Conventions pinned here:
   is computed from the logits, as in PyTorch and the NumPy engine.
 * leaky_relu gets the case's slope explicitly (Keras's default is 0.2; Keras 2's 0.3).
 * ``jit_compile=False``: XLA may fuse and reorder the arithmetic.
+
+Keras 2 runs too: the ``keras`` 2.x package that TensorFlow 2.15 and older install, or
+``tf_keras`` when ``TF_USE_LEGACY_KERAS=1`` (as TensorFlow itself reads that variable). The two
+APIs differ in two places this adapter touches, each handled in one function: where floatx is
+set (:func:`_floatx`) and how leaky_relu takes its slope (:func:`_activation`).
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ from manualprop.engines import StepResult
 INSTALL = "pip install tensorflow-cpu"
 
 
+def legacy_keras() -> bool:
+    """True when TF_USE_LEGACY_KERAS asks for Keras 2 from the tf_keras package."""
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+
+
 class KerasEngine:
     name = "keras"
 
     def unavailable(self) -> str | None:
+        if legacy_keras():
+            if importlib.util.find_spec("tf_keras") is None:
+                return "TF_USE_LEGACY_KERAS=1 asks for Keras 2, but tf_keras is not installed (install it with: pip install tf-keras)"
+            return None
         if importlib.util.find_spec("keras") is None:
             return f"keras is not installed (install it with: {INSTALL})"
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
@@ -49,35 +63,41 @@ class KerasEngine:
     def step(self, case: Case) -> StepResult:
         keras = _import_keras()
 
-        previous = keras.config.floatx()
-        keras.config.set_floatx(case.dtype.name)
+        floatx, set_floatx = _floatx(keras)
+        previous = floatx()
+        set_floatx(case.dtype.name)
         try:
             return _step(keras, case)
         finally:
-            keras.config.set_floatx(previous)
+            set_floatx(previous)
             keras.backend.clear_session()
 
 
-# Informational lines TensorFlow writes straight to file descriptor 2 at import, whatever
-# TF_CPP_MIN_LOG_LEVEL says. They are dropped; anything else it writes is passed on.
+# Informational lines TensorFlow writes straight to file descriptor 2 at import and device
+# discovery (no GPU here is not an error), whatever TF_CPP_MIN_LOG_LEVEL says. They are
+# dropped; anything else it writes is passed on.
 _IMPORT_NOISE = re.compile(
     r"oneDNN custom operations are on|All log messages before absl::InitializeLog|cpu_feature_guard"
     r"|To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags"
     r"|Unable to register cu(DNN|FFT|BLAS) factory|Could not find cuda drivers|TF-TRT Warning"
+    r"|failed call to cuInit"
 )
 
 
 def _import_keras():
-    """Import keras (and its backend), keeping TensorFlow's import-time info lines off the terminal."""
-    if "keras" in sys.modules:
-        return sys.modules["keras"]
+    """Import keras (tf_keras for Keras 2 on request), keeping TensorFlow's import-time info lines quiet."""
+    name = "tf_keras" if legacy_keras() else "keras"
+    if name in sys.modules:
+        return sys.modules[name]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import keras
+            keras = importlib.import_module(name)
+            if "tensorflow" in sys.modules:  # device discovery logs too, on first use: do it here
+                sys.modules["tensorflow"].config.list_physical_devices()
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -92,10 +112,18 @@ def _import_keras():
     return keras
 
 
+def _floatx(keras):
+    """(floatx, set_floatx): keras.config in Keras 3, keras.backend in Keras 2."""
+    where = keras.config if hasattr(getattr(keras, "config", None), "set_floatx") else keras.backend
+    return where.floatx, where.set_floatx
+
+
 def _activation(keras, name: str, alpha: float):
-    if name == "leaky_relu":
+    if name != "leaky_relu":
+        return name
+    if hasattr(keras.activations, "leaky_relu"):  # Keras 3
         return functools.partial(keras.activations.leaky_relu, negative_slope=alpha)
-    return name
+    return functools.partial(keras.activations.relu, alpha=alpha)  # Keras 2: relu's alpha is the negative slope
 
 
 def _step(keras, case: Case) -> StepResult:

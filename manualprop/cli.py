@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="*", metavar="PATH", help="case files or folders (searched for *.yaml, *.yml)")
     run.add_argument("--engines", type=_engine_list, metavar="A,B", help=f"engines to run (registered: {', '.join(engines.names())})")
     run.add_argument("--json", metavar="FILE", help="write the JSON report to FILE")
+    run.add_argument("--label", metavar="NAME", help="name this run in the JSON report (a matrix cell, a machine)")
     run.add_argument("--show-deltas", action="store_true", help="print every parameter's delta from each engine side by side")
     run.add_argument("-q", "--quiet", action="store_true", help="print only failing cases and the summary")
 
@@ -100,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
                 out.print(render_case(result, args.show_deltas))
 
     if args.json:
-        report.write(report.build(results, harness.environment()), args.json)
+        report.write(report.build(results, harness.environment(), label=args.label), args.json)
     return _summary(out, results, args.json)
 
 
@@ -124,14 +125,12 @@ def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> 
     return EXIT_MISMATCH if failed else EXIT_OK
 
 
+VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "invalid": "bold red", "not compared": "bold yellow"}
+
+
 def _verdict(result: CaseResult) -> str:
-    if result.error is not None:
-        return "[bold red]INVALID[/bold red]"
-    if not result.ok:
-        return "[bold red]FAIL[/bold red]"
-    if len(result.ran) < 2 and not result.expected:
-        return "[bold yellow]NOT COMPARED[/bold yellow]"
-    return "[bold green]PASS[/bold green]"
+    style = VERDICT_STYLE[result.verdict]
+    return f"[{style}]{result.verdict.upper()}[/{style}]"
 
 
 def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType:

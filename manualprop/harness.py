@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,6 +51,20 @@ class CaseResult:
             and all(c.ok for c in self.comparisons)
             and all(c.ok for c in self.expected)
         )
+
+    @property
+    def verdict(self) -> str:
+        """pass, fail, invalid, or "not compared" (fewer than two engines ran and no golden values)."""
+        if self.error is not None:
+            return "invalid"
+        if not self.ok:
+            return "fail"
+        return "pass" if len(self.ran) >= 2 or self.expected else "not compared"
+
+    @property
+    def worst(self) -> Comparison | None:
+        """The comparison closest to (or furthest past) its tolerance."""
+        return max([*self.comparisons, *self.expected], key=lambda c: c.worst_ratio, default=None)
 
     @property
     def ran(self) -> list[str]:
@@ -179,23 +191,8 @@ def run_paths(paths: Iterable[Path], requested: Iterable[str] | None = None) -> 
         yield run_case(case, requested)
 
 
-def environment() -> dict[str, str | None]:
-    """Versions of what the engines run on, read without importing any framework."""
+def environment() -> dict:
+    """The fingerprint of this process for the report: see :mod:`manualprop.fingerprint`."""
+    from .fingerprint import environment as fingerprint
 
-    def version(*dists: str) -> str | None:
-        for dist in dists:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": version("torch"),
-        "tensorflow": version("tensorflow", "tensorflow-cpu"),
-        "keras": version("keras"),
-        "manualprop": version("manualprop"),
-        "platform": platform.platform(),
-    }
+    return fingerprint()

@@ -41,6 +41,7 @@ def case_json(result: CaseResult) -> dict:
             "name": Path(result.path).stem,
             "path": result.path,
             "ok": False,
+            "verdict": result.verdict,
             "error": str(result.error),
             "problems": [
                 {"field": format_path(p.path), "line": p.line, "message": p.message}
@@ -54,10 +55,13 @@ def case_json(result: CaseResult) -> dict:
         entry["engine"] = entry.pop("a")
         entry.pop("b")
         expected.append(entry)
+    worst = result.worst
     return {
         "name": case.name,
         "path": result.path,
         "ok": result.ok,
+        "verdict": result.verdict,
+        "worst": None if worst is None else {"ratio": worst.worst_ratio, "param": worst.param, "a": worst.a, "b": worst.b},
         "dtype": case.dtype.name,
         "engines": {name: _engine_json(run) for name, run in result.runs.items()},
         "comparisons": [c.to_json() for c in result.comparisons],
@@ -65,9 +69,10 @@ def case_json(result: CaseResult) -> dict:
     }
 
 
-def build(results: Iterable[CaseResult], environment: dict) -> dict:
+def build(results: Iterable[CaseResult], environment: dict, label: str | None = None) -> dict:
     cases = [case_json(r) for r in results]
-    return {"ok": all(c["ok"] for c in cases), "environment": environment, "cases": cases}
+    report = {"ok": all(c["ok"] for c in cases), "environment": environment, "cases": cases}
+    return report if label is None else {"label": label, **report}
 
 
 def write(report: dict, path: str | Path) -> None:
