@@ -49,6 +49,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--show-deltas", action="store_true", help="print every parameter's delta from each engine side by side")
     run.add_argument("-q", "--quiet", action="store_true", help="print only failing cases and the summary")
 
+    agg = sub.add_parser("report", help="aggregate JSON reports into a compatibility table", description=(
+        "Aggregate JSON reports (one column each) into a table of cases x columns. With no output option, "
+        "the Markdown table goes to standard output. Exit status: 0 no cell fails, 1 some cell fails, "
+        "2 a report could not be read."))
+    agg.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports written by manualprop run --json")
+    agg.add_argument("--previous", metavar="TABLE.json", help="the previous table (from --table-json): changes are highlighted")
+    agg.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    agg.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the table and a plot")
+    agg.add_argument("--table-json", metavar="FILE", help="write the table as JSON, for the next --previous")
+
     schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
     schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
     return top
@@ -58,7 +68,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "schema":
         return _schema(args)
+    if args.command == "report":
+        return _report(args)
     return _run(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import compat
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        table = compat.aggregate((path, compat.load_report(path)) for path in args.reports)
+        previous = None
+        if args.previous:
+            try:
+                previous = json.loads(open(args.previous, encoding="utf-8").read())
+            except FileNotFoundError:
+                err.print(f"[yellow]no previous table at {escape(args.previous)}: nothing to compare with[/yellow]")
+    except compat.ReportError as e:
+        err.print(f"[red]manualprop report: {escape(str(e))}[/red]")
+        return EXIT_INVALID
+    except json.JSONDecodeError as e:
+        err.print(f"[red]manualprop report: {escape(args.previous)}:{e.lineno}: not JSON: {escape(e.msg)}[/red]")
+        return EXIT_INVALID
+    if previous is not None:
+        compat.mark_changes(table, previous)
+    markdown = compat.to_markdown(table)
+    outputs = {args.markdown: lambda: markdown, args.html: lambda: compat.to_html(table),
+               args.table_json: lambda: json.dumps(compat.to_json(table), indent=1) + "\n"}
+    for path, render in outputs.items():
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(render())
+    if not (args.markdown or args.html or args.table_json):
+        sys.stdout.write(markdown)
+    return EXIT_MISMATCH if table.failed else EXIT_OK
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -96,7 +96,7 @@ def test_a_missing_framework_is_a_skip_with_the_install_command(monkeypatch):
     from manualprop.adapters.torch_engine import TorchEngine
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "keras") else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "keras", "tf_keras") else real(name, *a))
     case = parse_case(NON_SQUARE.replace("LAYOUT", KERNEL), "adapter.yaml")
     for engine in (TorchEngine(), KerasEngine()):
         reason = engine.unavailable()
