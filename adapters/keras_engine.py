@@ -35,7 +35,7 @@ import tempfile
 import numpy as np
 
 from manualprop.case import Case
-from manualprop.engines import StepResult
+from manualprop.engines import LayerTrace, StepResult
 
 INSTALL = "pip install tensorflow-cpu"
 
@@ -143,12 +143,14 @@ def _step(keras, case: Case) -> StepResult:
     per_sample_mean = case.loss in ("mse", "mae")
     reduction = "sum_over_batch_size" if case.reduction == "mean" else "sum"
     weight = case.scale * (case.targets.shape[1] if per_sample_mean and case.reduction == "sum" else 1)
+    loss_fn = loss_class(reduction=reduction)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=case.lr),
-        loss=loss_class(reduction=reduction),
+        loss=loss_fn,
         loss_weights=[weight],
         jit_compile=False,
     )
+    trace = _trace(case, layers, loss_fn, weight)  # before the step: the initial weights
     loss = model.train_on_batch(case.inputs, case.targets)
 
     deltas = {}
@@ -157,4 +159,41 @@ def _step(keras, case: Case) -> StepResult:
         deltas[f"layers.{i}.kernel"] = np.asarray(values[0]) - layer.kernel
         if layer.bias is not None:
             deltas[f"layers.{i}.bias"] = np.asarray(values[1]) - layer.bias
-    return StepResult(loss=float(loss), deltas=deltas)
+    return StepResult(loss=float(loss), deltas=deltas, trace=trace)
+
+
+def _variable(v):
+    """The tf.Variable behind a Keras 3 variable (Keras 2's are tf.Variables already)."""
+    return v.value if isinstance(getattr(type(v), "value", None), property) else v
+
+
+def _trace(case: Case, layers: list, loss_fn, weight: float) -> list[LayerTrace]:
+    """Per layer Z, A and their gradients, by a GradientTape pass over the same Dense layers and
+    the same loss (TensorFlow backend only): Z = A_prev @ kernel + bias, A = layer.activation(Z)."""
+    if "tensorflow" not in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return []
+    import tensorflow as tf
+
+    kernels = [_variable(d.kernel) for d in layers]
+    biases = [_variable(d.bias) if d.use_bias else None for d in layers]
+    with tf.GradientTape(persistent=True) as tape:
+        a = tf.constant(case.inputs)
+        zs, activations = [], []
+        for dense, kernel, bias in zip(layers, kernels, biases):
+            z = tf.matmul(a, kernel) if bias is None else tf.matmul(a, kernel) + bias
+            a = dense.activation(z)
+            zs.append(z)
+            activations.append(a)
+        loss = weight * loss_fn(tf.constant(case.targets), a)
+
+    def array(t):
+        return None if t is None else np.asarray(t)
+
+    trace = []
+    for z, a, kernel, bias in zip(zs, activations, kernels, biases):
+        trace.append(LayerTrace(
+            Z=array(z), A=array(a), dA=array(tape.gradient(loss, a)), dZ=array(tape.gradient(loss, z)),
+            dW=array(tape.gradient(loss, kernel)), db=None if bias is None else array(tape.gradient(loss, bias)),
+        ))
+    del tape
+    return trace

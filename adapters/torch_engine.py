@@ -19,7 +19,7 @@ import importlib.util
 import numpy as np
 
 from manualprop.case import Case
-from manualprop.engines import StepResult
+from manualprop.engines import LayerTrace, StepResult
 
 INSTALL = "pip install torch"
 
@@ -68,14 +68,44 @@ class TorchEngine:
         criterion = loss_module[case.loss](reduction=case.reduction)
         optimizer = torch.optim.SGD(model.parameters(), lr=case.lr)
 
+        # Hooks keep each layer's Z (nn.Linear's output) and A (the activation module's output)
+        # with their gradients, for the per-layer trace; they change nothing in the step.
+        outputs: dict[int, torch.Tensor] = {}
+
+        def keep(module, inputs, output):
+            output.retain_grad()
+            outputs[id(module)] = output
+
+        hooks = [m.register_forward_hook(keep) for m in modules]
         optimizer.zero_grad()
         loss = case.scale * criterion(model(torch.from_numpy(case.inputs)), torch.from_numpy(case.targets))
         loss.backward()
         optimizer.step()
+        for hook in hooks:
+            hook.remove()
 
         deltas = {}
         for i, (layer, linear) in enumerate(zip(case.layers, linears)):
             deltas[f"layers.{i}.kernel"] = swap_layout(linear.weight.detach().numpy()) - layer.kernel
             if layer.bias is not None:
                 deltas[f"layers.{i}.bias"] = linear.bias.detach().numpy() - layer.bias
-        return StepResult(loss=float(loss.item()), deltas=deltas)
+        trace = _trace(torch, case, modules, linears, outputs)
+        return StepResult(loss=float(loss.item()), deltas=deltas, trace=trace)
+
+
+def _trace(torch, case: Case, modules: list, linears: list, outputs: dict) -> list[LayerTrace]:
+    """Per layer Z, A and their gradients from the hooks; dW and db from the parameters' .grad."""
+    def array(tensor):
+        return None if tensor is None else tensor.detach().numpy().copy()
+
+    trace = []
+    for i, (layer, linear) in enumerate(zip(case.layers, linears)):
+        z = outputs[id(linear)]
+        position = modules.index(linear)
+        activation = modules[position + 1] if position + 1 < len(modules) else None
+        a = outputs[id(activation)] if activation is not None else torch.softmax(z, dim=1)  # CE's softmax is in the loss
+        trace.append(LayerTrace(
+            Z=array(z), A=array(a), dA=array(a.grad) if activation is not None else None, dZ=array(z.grad),
+            dW=swap_layout(linear.weight.grad.numpy()), db=array(linear.bias.grad) if linear.bias is not None else None,
+        ))
+    return trace

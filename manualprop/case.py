@@ -73,6 +73,7 @@ class Case:
     atol: float
     expected: Expected | None = None
     lines: dict[tuple, int] = field(default_factory=dict, repr=False)
+    known_differences: dict[str, str] = field(default_factory=dict)  # engine -> reason
 
     def parameters(self) -> dict[str, np.ndarray]:
         """The initial parameters by name, kernels in the (in, out) layout."""
@@ -282,6 +283,10 @@ class _Builder:
             for j, name in enumerate(spec.engines):
                 if name not in self.known_engines:
                     self.problem(("engines", j), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}")
+        if spec.known_differences and self.known_engines is not None:
+            for name in spec.known_differences:
+                if name not in self.known_engines:
+                    self.problem(("known_differences", name), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}")
         rtol, atol = _tolerance(spec.tolerance, DEFAULT_TOLERANCE[spec.dtype])
         if self.problems or inputs is None or targets is None or None in layers:
             return None
@@ -302,6 +307,7 @@ class _Builder:
             rtol=rtol,
             atol=atol,
             lines=self.lines,
+            known_differences=dict(spec.known_differences or {}),
         )
         expected = self.expected(case) if spec.expected is not None else None
         if self.problems:

@@ -150,18 +150,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_unavailable(out: Console, requested: list[str] | None) -> None:
-    for name in requested or engines.names():
+    for name in requested or engines.default_names():
         reason = engines.get(name).unavailable()
         if reason:
             out.print(f"[yellow]skipping {name}: {escape(reason)}[/yellow]")
 
 
 def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> int:
-    invalid = sum(r.error is not None for r in results)
-    failed = sum(r.error is None and not r.ok for r in results)
-    passed = len(results) - invalid - failed
+    verdicts = [r.verdict for r in results]
+    invalid = verdicts.count("invalid")
+    failed = verdicts.count("fail") + verdicts.count("non-finite")
+    known = verdicts.count("known")
+    passed = len(results) - invalid - failed - known
     colour = "red" if invalid or failed else "green"
-    out.print(f"[{colour}]{len(results)} cases: {passed} passed, {failed} failed, {invalid} invalid[/{colour}]")
+    known_text = f", {known} known differences" if known else ""
+    out.print(f"[{colour}]{len(results)} cases: {passed} passed, {failed} failed, {invalid} invalid{known_text}[/{colour}]")
     if json_path:
         out.print(f"JSON report written to {escape(json_path)}")
     if invalid:
@@ -169,7 +172,8 @@ def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> 
     return EXIT_MISMATCH if failed else EXIT_OK
 
 
-VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "invalid": "bold red", "not compared": "bold yellow"}
+VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "invalid": "bold red", "not compared": "bold yellow",
+                 "known": "bold yellow", "non-finite": "bold red"}
 
 
 def _verdict(result: CaseResult) -> str:
@@ -212,27 +216,51 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
     for name, run in result.runs.items():
         if run.status == "error":
             parts.append(f"  [red]{name} failed: {escape(run.reason or '')}[/red]")
+        if run.non_finite:
+            parts.append(f"  [red]{name}: a non-finite value: {escape(run.non_finite)}[/red]")
+    for name, reason in case.known_differences.items():
+        if name in ran:
+            parts.append(f"  [yellow]known difference, {name}: {escape(reason)}[/yellow]")
+    for note in result.notes:
+        parts.append(f"  [red]{escape(note)}[/red]")
     if result.expected:
         bad = [c for c in result.expected if not c.ok]
         checked = ", ".join(sorted({c.a for c in result.expected}))
         status = "[green]hold[/green]" if not bad else f"[red]{len(bad)} of {len(result.expected)} fail[/red]"
         parts.append(f"  golden values in {checked}: {status}")
     for c in [*result.comparisons, *result.expected]:
-        if not c.ok:
+        if not c.ok and not harness.is_known(c):
             parts.append(f"[red]{escape(_indent(c.message))}[/red]")
+    if result.diagnosis is not None:
+        parts.extend(_diagnosis_lines(result))
     if show_deltas:
         parts.extend(_delta_tables(result))
     return Group(*parts)
 
 
+def _diagnosis_lines(result: CaseResult) -> list[str]:
+    d = result.diagnosis
+    lines = [f"  [bold]diagnosis:[/bold] {escape(d.sentence)}"]
+    if d.oracle_distance:
+        distances = ", ".join(f"{name} {_ratio(ratio, plain=True)} of its tolerance away"
+                              for name, ratio in sorted(d.oracle_distance.items(), key=lambda kv: kv[1]))
+        lines.append(f"  oracle (finite differences in float64): {escape(distances)}")
+    lines += [f"  hint: {escape(h)}" for h in d.hints]
+    return lines
+
+
 def _cell(c: Comparison | None) -> str:
     if c is None:
         return ""
+    if not c.ok and harness.is_known(c):
+        return f"[yellow]{c.max_abs_diff:.1e} known[/yellow]"
     return f"{c.max_abs_diff:.1e}" if c.ok else f"[red]{c.max_abs_diff:.1e}[/red]"
 
 
-def _ratio(ratio: float) -> str:
-    return f"{ratio:.1%}" if ratio <= 1 else f"[red]{ratio:.3g}x[/red]"
+def _ratio(ratio: float, plain: bool = False) -> str:
+    if ratio <= 1:
+        return f"{ratio:.1%}"
+    return f"{ratio:.3g}x" if plain else f"[red]{ratio:.3g}x[/red]"
 
 
 def _indent(text: str) -> str:

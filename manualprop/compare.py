@@ -64,8 +64,13 @@ def compare(
     rtol: float,
     atol: float,
     reference: np.ndarray | None = None,
+    allowance: np.ndarray | float = 0.0,
 ) -> Comparison:
-    """Compare ``a`` with ``b`` under the rule above; ``reference`` is ``p``, the value before the step."""
+    """Compare ``a`` with ``b`` under the rule above; ``reference`` is ``p``, the value before the step.
+
+    ``allowance`` widens the tolerance element by element by what an engine knows of its own
+    uncertainty (the finite-difference oracle's).
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     base = dict(param=param, a=a_name, b=b_name, atol=atol, rtol=rtol, total=int(a.size))
@@ -78,7 +83,7 @@ def compare(
     finite = np.isfinite(a) & np.isfinite(b)
     magnitude = np.maximum(np.abs(a), np.abs(b))
     scale = 1.0 if reference is None else 1.0 + np.abs(np.asarray(reference, dtype=np.float64))
-    allowed = atol * scale + rtol * np.where(finite, magnitude, 0.0)
+    allowed = atol * scale + rtol * np.where(finite, magnitude, 0.0) + np.asarray(allowance, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.where(finite, np.abs(a - b), np.inf)
         rel = np.where(diff == 0, 0.0, diff / magnitude)

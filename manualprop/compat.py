@@ -20,8 +20,9 @@ from typing import Any, Iterable
 import numpy as np
 
 FORMAT = "manualprop-compat-1"
-ICON = {"pass": "✅", "fail": "❌", "known": "⚠️", "invalid": "🚫", "not compared": "➖"}
-COLOUR = {"pass": "#d9f2d9", "fail": "#f8d0d0", "known": "#fbeec1", "invalid": "#f8d0d0", "not compared": "#eeeeee"}
+ICON = {"pass": "✅", "fail": "❌", "known": "⚠️", "invalid": "🚫", "not compared": "➖", "non-finite": "💥"}
+COLOUR = {"pass": "#d9f2d9", "fail": "#f8d0d0", "known": "#fbeec1", "invalid": "#f8d0d0", "not compared": "#eeeeee",
+          "non-finite": "#f8d0d0"}
 VERSION_KEYS = ("python", "numpy", "torch", "tensorflow")
 
 
@@ -54,7 +55,7 @@ class Table:
 
     @property
     def failed(self) -> bool:
-        return any(c.verdict in ("fail", "invalid") for row in self.cells.values() for c in row.values())
+        return any(c.verdict in ("fail", "invalid", "non-finite") for row in self.cells.values() for c in row.values())
 
 
 def load_report(path: str | Path) -> dict:
@@ -163,7 +164,7 @@ def to_markdown(table: Table) -> str:
         lines += [f"{changed} cell(s) changed since the previous table (marked 🔺)." if changed else "No change since the previous table.", ""]
     lines += [
         "Each cell: the verdict and the worst error as a fraction of its tolerance (100% is the edge).",
-        "✅ pass, ❌ fail, ⚠️ known difference, 🚫 invalid case file, ➖ fewer than two engines ran.",
+        "✅ pass, ❌ fail, ⚠️ known difference, 💥 NaN or infinity, 🚫 invalid case file, ➖ fewer than two engines ran.",
         "",
         "| case | " + " | ".join(c.label for c in table.columns) + " |",
         "|---|" + "---|" * len(table.columns),

@@ -11,18 +11,26 @@ Backward, from the loss down::
     dA_prev = dZ @ W.T
 
 Update: ``p <- p - lr * dL/dp``. Every intermediate is kept in a LayerTrace per layer.
+
+The functions take the activation and loss registries as arguments (the shipped ones by
+default), so a variant engine, a student's or a deliberately faulty one, swaps one function in
+without touching the registries everyone else uses.
 """
 
 from __future__ import annotations
 
-from . import activations, losses
-from .case import Case
-from .engines import LayerTrace, StepResult
+from typing import Mapping
 
 import numpy as np
 
+from . import losses
+from .activations import ACTIVATIONS, Activation
+from .case import Case
+from .engines import LayerTrace, StepResult
+from .losses import LOSSES, Loss
 
-def forward(case: Case) -> list[LayerTrace]:
+
+def forward(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS) -> list[LayerTrace]:
     """Z and A for every layer, input side first."""
     traces = []
     a = case.inputs
@@ -30,21 +38,22 @@ def forward(case: Case) -> list[LayerTrace]:
         z = a @ layer.kernel
         if layer.bias is not None:
             z = z + layer.bias
-        a = activations.get(layer.activation).forward(z, layer.alpha)
+        a = acts[layer.activation].forward(z, layer.alpha)
         traces.append(LayerTrace(Z=z, A=a))
     return traces
 
 
-def loss_value(case: Case, traces: list[LayerTrace]) -> float:
+def loss_value(case: Case, traces: list[LayerTrace], loss_fns: Mapping[str, Loss] = LOSSES) -> float:
     """L = scale * reduce(terms(y, t)), y the output A (or Z for cross-entropy on logits)."""
-    loss = losses.get(case.loss)
+    loss = loss_fns[case.loss]
     y = traces[-1].Z if loss.on_logits else traces[-1].A
     return float(losses.reduce(loss.terms(y, case.targets), case.reduction, case.scale))
 
 
-def backward(case: Case, traces: list[LayerTrace]) -> None:
+def backward(case: Case, traces: list[LayerTrace], acts: Mapping[str, Activation] = ACTIVATIONS,
+             loss_fns: Mapping[str, Loss] = LOSSES) -> None:
     """Fill dA, dZ, dW and db of every trace, from the last layer to the first."""
-    loss = losses.get(case.loss)
+    loss = loss_fns[case.loss]
     last = traces[-1]
     if loss.on_logits:
         last.dZ = losses.gradient(loss, last.Z, case.targets, case.reduction, case.scale)
@@ -53,7 +62,7 @@ def backward(case: Case, traces: list[LayerTrace]) -> None:
     for i in reversed(range(len(case.layers))):
         layer, trace = case.layers[i], traces[i]
         if trace.dZ is None:
-            trace.dZ = activations.get(layer.activation).backward(trace.dA, trace.Z, trace.A, layer.alpha)
+            trace.dZ = acts[layer.activation].backward(trace.dA, trace.Z, trace.A, layer.alpha)
         a_prev = traces[i - 1].A if i > 0 else case.inputs
         trace.dW = a_prev.T @ trace.dZ
         trace.db = trace.dZ.sum(axis=0) if layer.bias is not None else None
@@ -74,17 +83,19 @@ def sgd_deltas(case: Case, traces: list[LayerTrace]) -> dict[str, np.ndarray]:
 
 
 class NumpyEngine:
-    """The reference engine; it needs nothing beyond NumPy."""
+    """The reference engine; it needs nothing beyond NumPy. A subclass may swap the registries."""
 
     name = "numpy"
+    activations: Mapping[str, Activation] = ACTIVATIONS
+    losses: Mapping[str, Loss] = LOSSES
 
     def unavailable(self) -> str | None:
         return None
 
     def step(self, case: Case) -> StepResult:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            traces = forward(case)
-            loss = loss_value(case, traces)
-            backward(case, traces)
+            traces = forward(case, self.activations)
+            loss = loss_value(case, traces, self.losses)
+            backward(case, traces, self.activations, self.losses)
             deltas = sgd_deltas(case, traces)
         return StepResult(loss=loss, deltas=deltas, trace=traces)

@@ -53,6 +53,7 @@ class StepResult:
     loss: float
     deltas: dict[str, np.ndarray]
     trace: list[LayerTrace] = field(default_factory=list)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # per delta element, where an engine knows it
 
 
 @runtime_checkable
@@ -77,7 +78,9 @@ BUILTIN: dict[str, str] = {
     "numpy": "manualprop.engine:NumpyEngine",
     "torch": "manualprop.adapters.torch_engine:TorchEngine",
     "keras": "manualprop.adapters.keras_engine:KerasEngine",
+    "numeric": "manualprop.oracle:NumericEngine",
 }
+ORACLE = "numeric"
 
 
 def _load(target: str) -> Callable[[], Engine]:
@@ -113,6 +116,11 @@ def names() -> list[str]:
     """Every registered engine name, built-ins first."""
     found = _factories()
     return [*found, *(n for n in _extra if n not in found)]
+
+
+def default_names() -> list[str]:
+    """The engines a run uses when none are named: all but those with ``default = False`` (the oracle)."""
+    return [n for n in names() if getattr(get(n), "default", True)]
 
 
 def get(name: str) -> Engine:

@@ -18,6 +18,7 @@ import pytest
 from . import engines, harness
 from .case import Case, load_case
 from .compare import Comparison
+from .diagnose import diagnose
 from .errors import CaseError
 
 # Engine runs are shared by the items of a case within one process (one pytest-xdist worker).
@@ -36,6 +37,8 @@ def _needed(run: harness.EngineRun) -> None:
         pytest.skip(f"{run.engine}: {run.reason}")
     if run.status == "error":
         raise CaseFailure(f"{run.engine} failed to run the case: {run.reason}")
+    if run.non_finite:
+        raise CaseFailure(f"{run.engine} produced a non-finite value: {run.non_finite}")
 
 
 def is_case_file(file_path: Path, rootpath: Path) -> bool:
@@ -87,11 +90,32 @@ class _CaseItem(pytest.Item):
         line = (self.case.lines.get(()) or 1) - 1 if self.case else 0
         return self.path, line, self.name
 
-    def fail_on(self, comparisons: list[Comparison]) -> None:
+    def fail_on(self, comparisons: list[Comparison], runs: list[harness.EngineRun]) -> None:
+        """Fail in the case's terms; a declared known difference is an xfail, strict like pytest's."""
+        known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
         bad = [c for c in comparisons if not c.ok]
+        if known:
+            if bad:
+                pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
+            raise CaseFailure(f"case {self.case.name}: " + "\n".join(
+                f"{n} was declared to differ ({r}), but it agrees: the convention may have changed" for n, r in known.items()))
         if bad:
             header = f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {len(bad)} of {len(comparisons)} comparisons fail"
-            raise CaseFailure("\n".join([header, *(c.message for c in bad)]))
+            raise CaseFailure("\n".join([header, *(c.message for c in bad), *self.diagnosis(runs)]))
+
+    def diagnosis(self, runs: list[harness.EngineRun]) -> list[str]:
+        """The first divergence and the oracle's verdict, for a pair of engines that disagree."""
+        if len(runs) < 2:
+            return []
+        oracle = _run(self.case, engines.ORACLE) if engines.ORACLE in engines.names() else None
+        found = diagnose(self.case, runs, oracle if oracle is not None and oracle.status == "ran" else None)
+        if found is None:
+            return []
+        lines = [f"diagnosis: {found.sentence}"]
+        if found.oracle_distance:
+            lines.append("oracle (finite differences): " + ", ".join(
+                f"{n} {d:.3g}x its tolerance away" for n, d in sorted(found.oracle_distance.items(), key=lambda kv: kv[1])))
+        return lines + [f"hint: {h}" for h in found.hints]
 
 
 class PairItem(_CaseItem):
@@ -99,14 +123,14 @@ class PairItem(_CaseItem):
         a, b = (_run(self.case, name) for name in self.engines)
         _needed(a)
         _needed(b)
-        self.fail_on(harness.compare_pair(self.case, a, b))
+        self.fail_on(harness.compare_pair(self.case, a, b), [a, b])
 
 
 class ExpectedItem(_CaseItem):
     def runtest(self):
         run = _run(self.case, self.engines[0])
         _needed(run)
-        self.fail_on(harness.check_expected(self.case, run))
+        self.fail_on(harness.check_expected(self.case, run), [run])
 
 
 class InvalidCaseItem(_CaseItem):

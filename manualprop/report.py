@@ -27,12 +27,13 @@ def _finite_or_text(value: Any) -> Any:
 def _engine_json(run: EngineRun) -> dict:
     if run.status != "ran":
         return {"status": run.status, "reason": run.reason}
-    return {
+    entry = {
         "status": "ran",
         "loss": run.result.loss,
         "deltas": {name: np.asarray(delta, dtype=np.float64).tolist() for name, delta in run.result.deltas.items()},
         "seconds": round(run.seconds, 6),
     }
+    return entry | ({"non_finite": run.non_finite} if run.non_finite else {})
 
 
 def case_json(result: CaseResult) -> dict:
@@ -66,6 +67,9 @@ def case_json(result: CaseResult) -> dict:
         "engines": {name: _engine_json(run) for name, run in result.runs.items()},
         "comparisons": [c.to_json() for c in result.comparisons],
         "expected": expected,
+        "known_differences": case.known_differences,
+        "notes": result.notes,
+        "diagnosis": None if result.diagnosis is None else result.diagnosis.to_json(),
     }
 
 

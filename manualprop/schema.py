@@ -153,6 +153,8 @@ class CaseSpec(_Strict):
     engines: Optional[Annotated[list[str], Field(min_length=1)]] = None
     tolerance: Optional[Tolerance] = None
     expected: Optional[ExpectedSpec] = None
+    known_differences: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = Field(
+        None, description="engine -> the documented reason it diverges on this case (strict: it must diverge)")
 
 
 # Names pydantic puts in an error's location for a union branch, not a field of the file.
