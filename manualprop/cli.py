@@ -59,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     agg.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the table and a plot")
     agg.add_argument("--table-json", metavar="FILE", help="write the table as JSON, for the next --previous")
 
+    explain = sub.add_parser("explain", help="show the step layer by layer, each engine side by side", description=(
+        "Run one case and show, layer by layer, the forward tensors, the loss, the backward tensors and the update "
+        "from each engine side by side, with the first divergence marked."))
+    explain.add_argument("case", metavar="CASE", help="a case file")
+    explain.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to show (default: every installed one)")
+    explain.add_argument("--markdown", action="store_true", help="print Markdown instead (to hand out)")
+    explain.add_argument("--precision", type=int, default=8, metavar="N", help="decimals shown (default 8)")
+
     schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
     schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
     return top
@@ -70,7 +78,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _schema(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "explain":
+        return _explain(args)
     return _run(args)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from . import explain
+    from .case import load_case
+    from .errors import CaseError
+
+    out = Console(highlight=False, soft_wrap=True)
+    try:
+        case = load_case(args.case, engines.names())
+    except CaseError as e:
+        out.print("\n".join(f"[red]{escape(p.render(e.file))}[/red]" for p in e.problems))
+        return EXIT_INVALID
+    _print_unavailable(out, args.engines)
+    result = harness.run_case(case, args.engines)
+    if args.markdown:
+        sys.stdout.write(explain.render_markdown(result, args.precision))
+    else:
+        out.print(explain.render_terminal(result, args.precision))
+    return EXIT_OK if result.ok else EXIT_MISMATCH
 
 
 def _report(args: argparse.Namespace) -> int:

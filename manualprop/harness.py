@@ -104,9 +104,10 @@ def find_cases(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def select_engines(case: Case, requested: Iterable[str] | None = None) -> list[str]:
-    """The engines to run: those requested (default: all registered) that the case allows."""
-    names = list(requested) if requested else engines.default_names()
-    return [n for n in names if case.engines is None or n in case.engines]
+    """The engines to run: those requested that the case allows; else the case's own list; else the defaults."""
+    if requested:
+        return [n for n in requested if case.engines is None or n in case.engines]
+    return list(case.engines) if case.engines is not None else engines.default_names()
 
 
 def run_engine(case: Case, name: str) -> EngineRun:

@@ -1,0 +1,122 @@
+"""``manualprop explain CASE``: the step layer by layer, as the seed notebooks compute it by hand.
+
+For each layer, the forward tensors (Z, A), then the loss, then backward from the last layer
+(dA, dZ, dW, db), then the update (the updated parameters and the deltas), each engine side by
+side. The first divergence, if any, is marked. ``--markdown`` gives the same as Markdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .case import Case
+from .diagnose import Step, value
+from .harness import CaseResult
+
+FORMULA = {
+    "Z": "Z = A_prev @ W + b",
+    "A": "A = f(Z)",
+    "dA": "dA = dL/dA: from the layer above, dA = dZ_next @ W_next.T",
+    "dZ": "dZ = dL/dZ = dA * f'(Z): the aggregated error gradient",
+    "dW": "dW = A_prev.T @ dZ",
+    "db": "db = dZ summed over the batch",
+}
+
+
+@dataclass
+class Section:
+    """One quantity to show: a heading, its formula, and each engine's value."""
+
+    heading: str
+    formula: str
+    values: dict[str, np.ndarray | None]
+    divergence: str | None = None  # "first divergence: in keras"
+
+
+def sections(result: CaseResult) -> list[Section]:
+    case: Case = result.case
+    runs = [result.runs[n] for n in result.ran]
+    d = result.diagnosis
+
+    def section(heading, formula, step):
+        mark = None
+        if d is not None and d.quantity == step.label and d.layer == step.layer and (step.label != "delta" or d.sentence.startswith(step.field)):
+            mark = f"first divergence: in {d.engine}" if d.engine else "first divergence"
+        return Section(heading, formula, {r.engine: value(r, step) for r in runs}, mark)
+
+    out: list[Section] = []
+    last = len(case.layers) - 1
+    on_logits = case.loss == "categorical_crossentropy"
+    for i, layer in enumerate(case.layers):
+        name = layer.activation if layer.activation != "leaky_relu" else f"leaky_relu, alpha {layer.alpha:g}"
+        out.append(section(f"layer {i} ({name}) forward: Z", FORMULA["Z"], Step("Z", i, "Z")))
+        out.append(section(f"layer {i} ({name}) forward: A", FORMULA["A"].replace("f", layer.activation, 1), Step("A", i, "A")))
+    reduction = f"{case.reduction}, scale {case.scale:g}"
+    out.append(section("loss", f"{case.loss} ({reduction}) of the last A against the targets", Step("loss", None, "loss")))
+    for i in reversed(range(len(case.layers))):
+        if i == last and on_logits:
+            out.append(section(f"layer {i} backward: the error gradient at the output layer",
+                               "dZ = dL/dZ = p * sum(t) - t (softmax with cross-entropy, on the logits), over N for a mean",
+                               Step("loss gradient", i, "dZ")))
+        else:
+            label = "loss gradient" if i == last else "dA"
+            formula = "dA = dL/dA, the loss gradient" if i == last else FORMULA["dA"]
+            out.append(section(f"layer {i} backward: dA", formula, Step(label, i, "dA")))
+            heading = "the error gradient at the output layer" if i == last else "the aggregated error gradient"
+            out.append(section(f"layer {i} backward: dZ, {heading}", FORMULA["dZ"], Step("dZ", i, "dZ")))
+        out.append(section(f"layer {i} backward: dW", FORMULA["dW"], Step("dW", i, "dW")))
+        if case.layers[i].bias is not None:
+            out.append(section(f"layer {i} backward: db", FORMULA["db"], Step("db", i, "db")))
+    for name, initial in case.parameters().items():
+        delta = section(f"{name}: delta", f"delta = -lr * dL/dp (lr {case.lr:g})", Step("delta", None, name))
+        updated = Section(f"{name}: updated", "p - lr * dL/dp", {
+            n: None if v is None else initial.astype(np.float64) + v for n, v in delta.values.items()})
+        out += [updated, delta]
+    return out
+
+
+def _array_text(a: np.ndarray | None, precision: int) -> str:
+    if a is None:
+        return "-"
+    return np.array2string(np.asarray(a), precision=precision, suppress_small=False, max_line_width=10_000, floatmode="fixed")
+
+
+def render_terminal(result: CaseResult, precision: int = 8):
+    """Rich renderables: per quantity a heading with its formula, then each engine's value on
+    its own lines, aligned, so that the engines' numbers stand one under the other."""
+    from rich.console import Group
+    from rich.markup import escape
+
+    case = result.case
+    parts = [f"[bold]{escape(case.name)}[/bold] ({escape(case.path)}, {case.dtype.name}, lr {case.lr:g}): {', '.join(result.ran)}"]
+    if result.diagnosis is not None:
+        parts.append(f"[red]diagnosis: {escape(result.diagnosis.sentence)}[/red]")
+    width = max((len(n) for n in result.ran), default=0)
+    for s in sections(result):
+        title = f"\n[bold]{escape(s.heading)}[/bold]   [dim]{escape(s.formula)}[/dim]"
+        if s.divergence:
+            title += f"   [red]<- {escape(s.divergence)}[/red]"
+        parts.append(title)
+        for engine, v in s.values.items():
+            text = _array_text(v, precision).splitlines()
+            parts.append("\n".join(f"  {(engine if k == 0 else ''):<{width}}  {escape(line)}" for k, line in enumerate(text)))
+    return Group(*parts)
+
+
+def render_markdown(result: CaseResult, precision: int = 8) -> str:
+    """The same, as Markdown an instructor can hand out."""
+    case = result.case
+    lines = [f"# {case.name}", "", f"`{case.path}`, {case.dtype.name}, loss {case.loss} ({case.reduction}, scale {case.scale:g}), lr {case.lr:g}.",
+             f"Engines: {', '.join(result.ran)}.", ""]
+    if case.description:
+        lines += [case.description, ""]
+    if result.diagnosis is not None:
+        lines += [f"**Diagnosis:** {result.diagnosis.sentence}", ""]
+    for s in sections(result):
+        lines += [f"## {s.heading}" + (f" ⟵ **{s.divergence}**" if s.divergence else ""), "", f"`{s.formula}`", ""]
+        for engine, v in s.values.items():
+            lines += [f"{engine}:", "```", _array_text(v, precision), "```"]
+        lines.append("")
+    return "\n".join(lines)
