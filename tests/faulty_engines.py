@@ -70,3 +70,14 @@ class WrongLeakySlope(NumpyEngine):
 
 
 ALL = [WrongTanhDerivative, DroppedOneOverN, TransposedKernel, SummedLoss, FlippedUpdate, WrongLeakySlope]
+
+
+class TransposedDeltas(NumpyEngine):
+    """Computes right, but reports its kernels' deltas in the (out, in) layout."""
+
+    name = "transposed-deltas"
+
+    def step(self, case):
+        result = super().step(case)
+        deltas = {k: (v.T.copy() if k.endswith("kernel") else v) for k, v in result.deltas.items()}
+        return StepResult(result.loss, deltas, result.trace)

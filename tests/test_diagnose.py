@@ -44,11 +44,11 @@ def faulty(tmp_path, monkeypatch):
     info = tmp_path / "faulty_engines-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: faulty-engines\nVersion: 1.0\n")
-    lines = [f"{cls.name} = faulty_engines:{cls.__name__}" for cls in faulty_engines.ALL]
+    lines = [f"{cls.name} = faulty_engines:{cls.__name__}" for cls in [*faulty_engines.ALL, faulty_engines.TransposedDeltas]]
     (info / "entry_points.txt").write_text("[manualprop.engines]\n" + "\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
-    for cls in faulty_engines.ALL:
+    for cls in [*faulty_engines.ALL, faulty_engines.TransposedDeltas]:
         engines.unregister(cls.name)
 
 
@@ -68,6 +68,13 @@ def test_the_oracle_blames_the_faulty_engine_at_the_right_place(faulty, name):
         assert d.line == case.line_of(("layers", layer)) and f"line {d.line}" in d.sentence
     if hint:
         assert any(hint in h for h in d.hints), d.hints
+
+
+def test_a_delta_reported_transposed_is_called_a_layout_slip(faulty):
+    result = harness.run_case(parse_case(CASE, "three.yaml"), ["numpy", "transposed-deltas"])
+    d = result.diagnosis
+    assert (d.engine, d.quantity) == ("transposed-deltas", "delta")
+    assert any("layers.0.kernel: transposed-deltas's delta matches after transposing: a layout slip" in h for h in d.hints), d.hints
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
