@@ -1,0 +1,248 @@
+"""``manualprop fuzz``: random cases through every installed engine; each disagreement shrunk to
+a minimal case file.
+
+Cases are drawn by Hypothesis (depth 1-5, widths 1-16, every activation, every loss and
+reduction, float32 and float64, batch 1-32, learning rates and weight scales over several orders
+of magnitude). Their arrays are generated from a seed, so a case is a few numbers. When the
+engines disagree, Hypothesis shrinks the case (fewest layers, smallest widths and batch, simplest
+choices), then the arrays are written out and their numbers rounded to as few significant digits
+as still disagree. The result is a case file ready for cases/, with a comment saying how it was
+found. Disagreements that a case declares as known, and the conventions the canaries document,
+are not findings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import yaml
+from hypothesis import HealthCheck, Phase, find, settings, strategies as st
+from hypothesis.errors import HypothesisWarning, NoSuchExample
+
+from . import engines as registry
+from .case import parse_case
+from .errors import CaseError
+from .harness import CaseResult, is_known, run_case
+
+HIDDEN = ["linear", "relu", "tanh", "sigmoid", "leaky_relu"]  # simplest first: Hypothesis shrinks towards the front
+ALPHAS = [0.5, 0.25, 0.1, 0.01, 0.2, 0.3]
+LEARNING_RATES = [0.1, 1.0, 0.01, 0.5, 1e-3, 1e-4]
+WEIGHT_SCALES = [1.0, 0.5, 0.1, 2.0, 0.01, 3.0]
+LOSS_SCALES = [1.0, 0.5, 2.0, 0.1]
+LEAKY_FLOAT64 = ("in float64 TensorFlow rounds leaky_relu's slope to float32 "
+                 "(cases/canaries/keras_float64_leaky_slope.yaml)")
+
+
+@st.composite
+def case_data(draw) -> dict:
+    """The data of a random case file (what yaml.safe_load of one would give)."""
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    loss = draw(st.sampled_from(["mse", "mae", "categorical_crossentropy"]))
+    depth = draw(st.integers(1, 5))
+    batch = draw(st.integers(1, 32))
+    features = fan_in = draw(st.integers(1, 16))
+    weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
+    layers = []
+    for i in range(depth):
+        last = i == depth - 1
+        if last and loss == "categorical_crossentropy":
+            activation, units = "softmax", draw(st.integers(2, 16))
+        else:
+            activation = draw(st.sampled_from(HIDDEN + (["softmax"] if last else [])))
+            units = draw(st.integers(1, 16))
+        layer: dict = {"units": units, "activation": activation,
+                       "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)}}
+        if activation == "leaky_relu":
+            layer["activation"] = {"name": "leaky_relu", "alpha": draw(st.sampled_from(ALPHAS))}
+        layer["bias"] = False if draw(st.booleans()) else {"random": "normal", "std": 0.1}
+        layers.append(layer)
+        fan_in = units
+    data = {
+        "dtype": dtype,
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "loss": {"name": loss, "reduction": draw(st.sampled_from(["mean", "sum"])), "scale": draw(st.sampled_from(LOSS_SCALES))},
+        "lr": draw(st.sampled_from(LEARNING_RATES)),
+        "inputs": {"random": "uniform", "shape": [batch, features], "low": -1.0, "high": 1.0},
+        "targets": {"random": "one_hot"} if loss == "categorical_crossentropy" else {"random": "normal"},
+        "layers": layers,
+    }
+    return with_known_conventions(data)
+
+
+def with_known_conventions(data: dict) -> dict:
+    """Declare the documented differences a case runs into, so that they are not findings."""
+    if data["dtype"] == "float64":
+        alphas = [l["activation"]["alpha"] for l in data["layers"] if isinstance(l["activation"], dict)]
+        if any(float(np.float32(a)) != a for a in alphas):
+            data = {**data, "known_differences": {"keras": LEAKY_FLOAT64}}
+    return data
+
+
+def to_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+
+
+def is_finding(result: CaseResult) -> bool:
+    """An engine crashed, a comparison failed that no known difference explains, or only some
+    engines produced a NaN or an infinity. A known difference that did not show is not a finding."""
+    if result.error is not None:
+        return False
+    runs = [r for r in result.runs.values() if r.status != "skipped"]
+    if any(r.status == "error" for r in runs):
+        return True
+    non_finite = [r.non_finite is not None for r in runs]
+    if any(non_finite):
+        return not all(non_finite)
+    return any(not c.ok and not is_known(c) for c in result.comparisons)
+
+
+@dataclass
+class Finding:
+    path: Path
+    sentence: str
+
+
+@dataclass
+class Summary:
+    cases: int = 0
+    seconds: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+    closest: float = 0.0  # the largest worst error / tolerance among the cases that agreed
+    closest_case: str = ""
+    closest_data: dict | None = None  # that case, to write out and look at
+
+    @property
+    def rate(self) -> float:
+        return self.cases / self.seconds if self.seconds else 0.0
+
+
+class Runner:
+    """Runs drawn cases and keeps the tallies; a case is counted once, shrinking steps are not."""
+
+    def __init__(self, engines: list[str], summary: Summary, progress: Callable[[Summary], None] | None):
+        self.engines = engines
+        self.summary = summary
+        self.progress = progress
+        self.known = registry.names()
+        self.shrinking = False
+
+    def result(self, data: dict) -> CaseResult | None:
+        try:
+            case = parse_case(to_yaml(data), "fuzz.yaml", default_name="fuzz", known_engines=self.known)
+        except CaseError:
+            return None
+        return run_case(case, self.engines)
+
+    def __call__(self, data: dict) -> bool:
+        result = self.result(data)
+        if result is None:
+            return False
+        finding = is_finding(result)
+        if not self.shrinking:
+            self.summary.cases += 1
+            worst = result.worst
+            if not finding and worst is not None and not is_known(worst) and worst.worst_ratio > self.summary.closest:
+                self.summary.closest = worst.worst_ratio
+                self.summary.closest_case = f"seed {data['seed']}: {worst.param} {worst.a}-{worst.b}"
+                self.summary.closest_data = data
+            if self.progress:
+                self.progress(self.summary)
+            self.shrinking = finding
+        return finding
+
+
+def simplify_numbers(data: dict, still_fails: Callable[[dict], bool]) -> dict:
+    """The case with its arrays written out, each rounded to as few significant digits as still fail."""
+    case = parse_case(to_yaml(data), "fuzz.yaml", known_engines=registry.names())
+    explicit = {k: v for k, v in data.items() if k not in ("seed", "inputs", "targets", "layers")}
+    explicit["inputs"] = case.inputs.astype(np.float64).tolist()
+    explicit["targets"] = case.targets.astype(np.float64).tolist()
+    explicit["layers"] = []
+    for spec, layer in zip(data["layers"], case.layers):
+        entry = {"units": spec["units"], "activation": spec["activation"], "kernel": layer.kernel.astype(np.float64).tolist()}
+        entry["bias"] = False if layer.bias is None else layer.bias.astype(np.float64).tolist()
+        explicit["layers"].append(entry)
+    if not still_fails(explicit):  # the float32 cast changed something: keep the generated form
+        return data
+    slots = [("inputs",), ("targets",)] + [("layers", i, key) for i in range(len(case.layers)) for key in ("kernel", "bias")]
+    for slot in slots:
+        original = _get(explicit, slot)
+        if original is False:
+            continue
+        for digits in (1, 2, 3, 5):
+            candidate = _round(original, digits)
+            _set(explicit, slot, candidate)
+            if still_fails(explicit):
+                break
+        else:
+            _set(explicit, slot, original)
+    return explicit
+
+
+def _get(data, slot):
+    for key in slot:
+        data = data[key]
+    return data
+
+
+def _set(data, slot, value):
+    for key in slot[:-1]:
+        data = data[key]
+    data[slot[-1]] = value
+
+
+def _round(values, digits: int):
+    if isinstance(values, list):
+        return [_round(v, digits) for v in values]
+    return float(f"{values:.{digits}g}")
+
+
+def write_case(data: dict, out: Path, header: list[str]) -> Path:
+    text = to_yaml(data)
+    name = "fuzz-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+    text = to_yaml({"name": name, **data})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.yaml"
+    path.write_text("".join(f"# {line}\n" for line in header) + text, encoding="utf-8")
+    return path
+
+
+def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
+         progress: Callable[[Summary], None] | None = None) -> Summary:
+    """Run ``n`` random cases; write each distinct finding, minimised, to ``out``."""
+    names = list(engines) if engines else [e for e in registry.default_names() if registry.get(e).unavailable() is None]
+    summary = Summary()
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    written: set[Path] = set()
+    while summary.cases < n:
+        runner = Runner(names, summary, progress)
+        config = settings(max_examples=n - summary.cases, database=None, deadline=None, phases=[Phase.generate, Phase.shrink],
+                          suppress_health_check=list(HealthCheck))
+        try:
+            with warnings.catch_warnings():
+                # TensorFlow raises the recursion limit when it is imported, mid-run: harmless here.
+                warnings.filterwarnings("ignore", "The recursion limit will not be reset", HypothesisWarning)
+                found = find(case_data(), runner, settings=config, random=rng)
+        except NoSuchExample:
+            break
+        minimal = simplify_numbers(found, lambda d: bool(runner.shrinking and is_finding(runner.result(d) or CaseResult(""))))
+        result = runner.result(minimal)
+        sentence = result.diagnosis.sentence if result is not None and result.diagnosis else "the engines disagree"
+        header = [f"Found by: manualprop fuzz --n {n} --seed {seed} --engines {','.join(names)}",
+                  "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed.",
+                  f"What disagreed: {sentence}"]
+        path = write_case(minimal, out, header)
+        if path not in written:
+            written.add(path)
+            summary.findings.append(Finding(path, sentence))
+    summary.seconds = time.perf_counter() - start
+    return summary
