@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Sequence
 
 import numpy as np
@@ -67,6 +68,15 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--markdown", action="store_true", help="print Markdown instead (to hand out)")
     explain.add_argument("--precision", type=int, default=8, metavar="N", help="decimals shown (default 8)")
 
+    fz = sub.add_parser("fuzz", help="random cases through every engine; disagreements shrunk to case files", description=(
+        "Run random cases (Hypothesis) through every installed engine. Each disagreement that is not a declared "
+        "known difference is shrunk to a minimal case and written to --out, ready for cases/. "
+        "Exit status: 0 no disagreement, 1 some were written."))
+    fz.add_argument("--n", type=int, default=100, metavar="N", help="how many random cases (default 100)")
+    fz.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0): the same seed, the same cases")
+    fz.add_argument("--out", default="fuzz-findings", metavar="DIR", help="where minimal cases are written (default fuzz-findings/)")
+    fz.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to run (default: every installed one)")
+
     schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
     schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
     return top
@@ -80,7 +90,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "fuzz":
+        return _fuzz(args)
     return _run(args)
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fuzz import fuzz
+
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if args.n < 1:
+        err.print(f"[red]manualprop fuzz: --n must be at least 1, got {args.n}[/red]")
+        return EXIT_INVALID
+    _print_unavailable(out, args.engines)
+    progress = Progress(TextColumn("fuzzing"), BarColumn(), TextColumn("{task.completed}/{task.total} cases"),
+                        TextColumn("{task.fields[rate]:.1f} cases/s"), TextColumn("{task.fields[found]} disagreements"),
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("fuzz", total=args.n, rate=0.0, found=0)
+        start = time.perf_counter()
+
+        def update(summary):
+            progress.update(task, completed=summary.cases, rate=summary.cases / max(time.perf_counter() - start, 1e-9),
+                            found=len(summary.findings))
+
+        summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update)
+    out.print(f"{summary.cases} random cases in {summary.seconds:.1f} s ({summary.rate:.1f} cases/s), seed {args.seed}")
+    if summary.closest_case:
+        out.print(f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})")
+    for finding in summary.findings:
+        out.print(f"[red]disagreement written to {escape(str(finding.path))}: {escape(finding.sentence)}[/red]")
+    if not summary.findings:
+        out.print("[green]no disagreement[/green]")
+    return EXIT_MISMATCH if summary.findings else EXIT_OK
 
 
 def _explain(args: argparse.Namespace) -> int:

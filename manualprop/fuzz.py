@@ -148,8 +148,10 @@ class Runner:
         finding = is_finding(result)
         if not self.shrinking:
             self.summary.cases += 1
-            worst = result.worst
-            if not finding and worst is not None and not is_known(worst) and worst.worst_ratio > self.summary.closest:
+            # The margin of the tolerances: comparisons of engines with no declared difference on this case.
+            plain = [c for c in result.comparisons if not {c.a, c.b} & set(result.case.known_differences)]
+            worst = max(plain, key=lambda c: c.worst_ratio, default=None)
+            if not finding and worst is not None and worst.worst_ratio > self.summary.closest:
                 self.summary.closest = worst.worst_ratio
                 self.summary.closest_case = f"seed {data['seed']}: {worst.param} {worst.a}-{worst.b}"
                 self.summary.closest_data = data
@@ -205,13 +207,18 @@ def _round(values, digits: int):
     return float(f"{values:.{digits}g}")
 
 
-def write_case(data: dict, out: Path, header: list[str]) -> Path:
-    text = to_yaml(data)
-    name = "fuzz-" + hashlib.sha256(text.encode()).hexdigest()[:10]
-    text = to_yaml({"name": name, **data})
+def write_case(data: dict, out: Path, header: list[str], explain: Callable[[str, str], str]) -> Path:
+    """Write the case with a comment header; ``explain(text, path)`` gives its diagnosis, with the
+    lines of the file as written (the header is one line a sentence, so it is filled in last)."""
+    name = "fuzz-" + hashlib.sha256(to_yaml(data).encode()).hexdigest()[:10]
+    body = to_yaml({"name": name, **data})
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.yaml"
-    path.write_text("".join(f"# {line}\n" for line in header) + text, encoding="utf-8")
+
+    def text(sentence: str) -> str:
+        return "".join(f"# {line}\n" for line in [*header, f"What disagreed: {sentence}"]) + body
+
+    path.write_text(text(explain(text("..."), str(path))), encoding="utf-8")
     return path
 
 
@@ -234,15 +241,17 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
                 found = find(case_data(), runner, settings=config, random=rng)
         except NoSuchExample:
             break
-        minimal = simplify_numbers(found, lambda d: bool(runner.shrinking and is_finding(runner.result(d) or CaseResult(""))))
-        result = runner.result(minimal)
-        sentence = result.diagnosis.sentence if result is not None and result.diagnosis else "the engines disagree"
+        minimal = simplify_numbers(found, lambda d: is_finding(runner.result(d) or CaseResult("")))
+
+        def explain(text: str, where: str) -> str:
+            result = run_case(parse_case(text, where, known_engines=runner.known), names)
+            return result.diagnosis.sentence if result.diagnosis else "the engines disagree"
+
         header = [f"Found by: manualprop fuzz --n {n} --seed {seed} --engines {','.join(names)}",
-                  "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed.",
-                  f"What disagreed: {sentence}"]
-        path = write_case(minimal, out, header)
+                  "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed."]
+        path = write_case(minimal, out, header, explain)
         if path not in written:
             written.add(path)
-            summary.findings.append(Finding(path, sentence))
+            summary.findings.append(Finding(path, path.read_text(encoding="utf-8").splitlines()[2].removeprefix("# What disagreed: ")))
     summary.seconds = time.perf_counter() - start
     return summary

@@ -1,0 +1,54 @@
+"""manualprop fuzz: a fault injected into the NumPy engine is found, shrunk and written; random
+cases raise no false alarm."""
+
+import importlib.util
+
+import pytest
+import yaml
+
+from manualprop import activations, cli
+from manualprop.fuzz import fuzz
+
+FRAMEWORK = next((n for n, m in (("torch", "torch"), ("keras", "keras")) if importlib.util.find_spec(m)), None)
+needs_framework = pytest.mark.skipif(FRAMEWORK is None, reason="needs torch or keras as the reference")
+
+
+@pytest.fixture
+def wrong_tanh_derivative(monkeypatch):
+    """The NumPy engine's tanh derivative written as 1 - a instead of 1 - a^2."""
+    tanh = activations.ACTIVATIONS["tanh"]
+    monkeypatch.setitem(activations.ACTIVATIONS, "tanh", activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a))
+
+
+@needs_framework
+def test_fuzz_finds_an_injected_fault_and_writes_a_minimal_case_that_fails(wrong_tanh_derivative, tmp_path, capsys):
+    out = tmp_path / "found"
+    assert cli.main(["fuzz", "--n", "60", "--seed", "1", "--out", str(out), "--engines", f"numpy,{FRAMEWORK}"]) == 1
+    (path,) = sorted(out.glob("*.yaml"))
+    text = path.read_text()
+    assert text.startswith("# Found by: manualprop fuzz --n 60 --seed 1")
+    assert f"disagreement written to {path}" in capsys.readouterr().out
+    data = yaml.safe_load(text)
+    assert len(data["layers"]) == 1 and data["layers"][0]["activation"] == "tanh"  # shrunk: one layer, the faulty one
+    assert data["layers"][0]["units"] == 1 and len(data["inputs"]) == 1 and len(data["inputs"][0]) == 1
+    assert cli.main(["run", str(path), "--engines", f"numpy,{FRAMEWORK}"]) == 1  # the written case fails ...
+
+
+@needs_framework
+def test_the_minimal_case_passes_once_the_fault_is_gone(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        tanh = activations.ACTIVATIONS["tanh"]
+        patch.setitem(activations.ACTIVATIONS, "tanh", activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a))
+        summary = fuzz(40, 2, tmp_path, ["numpy", FRAMEWORK])
+    assert summary.findings
+    assert cli.main(["run", str(summary.findings[0].path), "--engines", f"numpy,{FRAMEWORK}"]) == 0  # ... because of the fault
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_cases_raise_no_false_alarm(seed, tmp_path, capsys):
+    """100 random cases a seed, 1,000 in all, both dtypes, every installed engine, default tolerances."""
+    summary = fuzz(100, 1000 + seed, tmp_path)
+    assert summary.cases == 100
+    assert not summary.findings, [f"{f.path}: {f.sentence}\n{f.path.read_text()}" for f in summary.findings]
+    with capsys.disabled():
+        print(f"\n  seed {1000 + seed}: closest call {summary.closest:.1%} of the tolerance ({summary.closest_case})")
