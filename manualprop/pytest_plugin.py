@@ -10,6 +10,7 @@ file that does not load is one failing item that lists its problems.
 
 from __future__ import annotations
 
+import json
 from itertools import combinations
 from pathlib import Path
 
@@ -25,10 +26,29 @@ from .errors import CaseError
 _runs: dict[tuple[str, str], harness.EngineRun] = {}
 
 
+_deltas_dir: Path | None = None  # --manualprop-deltas: where each engine's deltas are written
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--manualprop-deltas", metavar="DIR", default=None,
+                     help="write each engine's deltas per case to DIR/<case>/<engine>.json (to check determinism)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _deltas_dir
+    option = config.getoption("--manualprop-deltas", default=None)
+    _deltas_dir = Path(option) if option else None
+
+
 def _run(case: Case, name: str) -> harness.EngineRun:
     key = (case.path, name)
     if key not in _runs:
-        _runs[key] = harness.run_engine(case, name)
+        _runs[key] = run = harness.run_engine(case, name)
+        if _deltas_dir is not None and run.status == "ran":
+            folder = _deltas_dir / case.name
+            folder.mkdir(parents=True, exist_ok=True)
+            deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.result.deltas.items())}
+            (folder / f"{name}.json").write_text(json.dumps(deltas), encoding="utf-8")
     return _runs[key]
 
 
