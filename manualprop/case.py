@@ -121,7 +121,7 @@ def parse_case(text: str, file: str, default_name: str = "case", known_engines: 
         raise CaseError(file, [err.problem]) from None
     if not isinstance(data, dict):
         found = "a list" if isinstance(data, list) else "nothing" if data is None else f"{type(data).__name__} {_show(data)}"
-        raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", lines.get((), 1))])
+        raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", lines.get((), 1) if isinstance(data, list) else 1)])
     try:
         spec = schema.CaseSpec.model_validate(data)
     except ValidationError as err:
