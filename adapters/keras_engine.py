@@ -25,6 +25,8 @@ set (:func:`_floatx`) and how leaky_relu takes its slope (:func:`_activation`).
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
+from dataclasses import dataclass
 import importlib.util
 import logging
 import os
@@ -60,6 +62,10 @@ class KerasEngine:
             return f"keras's backend {backend} is not installed (install it with: {INSTALL})"
         return None
 
+    def __init__(self, cache_size: int = 64):
+        self.cache_size = cache_size
+        self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
+
     def step(self, case: Case) -> StepResult:
         keras = _import_keras()
 
@@ -67,10 +73,21 @@ class KerasEngine:
         previous = floatx()
         set_floatx(case.dtype.name)
         try:
-            return _step(keras, case)
+            return _step(keras, case, self.compiled(keras, case))
         finally:
             set_floatx(previous)
-            keras.backend.clear_session()
+
+    def compiled(self, keras, case: Case) -> "_Compiled":
+        """The compiled model for the case's architecture, dtype and loss: built once, then reused
+        (its weights and learning rate are loaded for every step; plain SGD keeps no other state)."""
+        key = _architecture(keras, case)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        compiled = self._compiled[key] = _build(keras, case)
+        if len(self._compiled) > self.cache_size:
+            self._compiled.popitem(last=False)
+        return compiled
 
 
 # Informational lines TensorFlow writes straight to file descriptor 2 at import and device
@@ -106,8 +123,8 @@ def _import_keras():
     kept = [line for line in text.splitlines() if line.strip() and not _IMPORT_NOISE.search(line)]
     if kept:
         print("\n".join(kept), file=sys.stderr)
-    # Each case builds a fresh model, so TensorFlow traces one step function per case and warns
-    # that retracing is expensive: expected here, and the only message this filter drops.
+    # Each architecture gets its own model, so TensorFlow traces one step function per model and
+    # warns that retracing is expensive: expected here, and the only message this filter drops.
     logging.getLogger("tensorflow").addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
     return keras
 
@@ -126,40 +143,74 @@ def _activation(keras, name: str, alpha: float):
     return functools.partial(keras.activations.relu, alpha=alpha)  # Keras 2: relu's alpha is the negative slope
 
 
-def _step(keras, case: Case) -> StepResult:
+@dataclass
+class _Compiled:
+    model: object
+    layers: list
+    loss_fn: object
+    weight: float
+
+
+def _loss_weight(case: Case) -> float:
+    """The case's scale, times the number of outputs where Keras's sum is the SPEC's sum / outputs."""
+    per_sample_mean = case.loss in ("mse", "mae")
+    return case.scale * (case.targets.shape[1] if per_sample_mean and case.reduction == "sum" else 1)
+
+
+def _architecture(keras, case: Case) -> tuple:
+    """What a compiled model depends on: everything but the weights, the data and the learning rate."""
+    layers = tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers)
+    return (keras.__name__, case.dtype.name, case.inputs.shape[1], layers, case.loss, case.reduction, _loss_weight(case))
+
+
+def _build(keras, case: Case) -> _Compiled:
+    # The dtype is given to every layer as well as through floatx: Keras 3 caches its default dtype
+    # policy on first use, so a float64 model built after a float32 one would otherwise be float32.
+    dtype = case.dtype.name
     layers = [
-        keras.layers.Dense(layer.units, activation=_activation(keras, layer.activation, layer.alpha), use_bias=layer.bias is not None)
+        keras.layers.Dense(layer.units, activation=_activation(keras, layer.activation, layer.alpha),
+                           use_bias=layer.bias is not None, dtype=dtype)
         for layer in case.layers
     ]
-    model = keras.Sequential([keras.Input(shape=(case.inputs.shape[1],)), *layers])
-    for layer, dense in zip(case.layers, layers):
-        dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
-
+    model = keras.Sequential([keras.Input(shape=(case.inputs.shape[1],), dtype=dtype), *layers])
     loss_class = {
         "mse": keras.losses.MeanSquaredError,
         "mae": keras.losses.MeanAbsoluteError,
         "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
     }[case.loss]
-    per_sample_mean = case.loss in ("mse", "mae")
-    reduction = "sum_over_batch_size" if case.reduction == "mean" else "sum"
-    weight = case.scale * (case.targets.shape[1] if per_sample_mean and case.reduction == "sum" else 1)
-    loss_fn = loss_class(reduction=reduction)
+    loss_fn = loss_class(reduction="sum_over_batch_size" if case.reduction == "mean" else "sum")
+    weight = _loss_weight(case)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=case.lr),
         loss=loss_fn,
         loss_weights=[weight],
         jit_compile=False,
     )
-    trace = _trace(case, layers, loss_fn, weight)  # before the step: the initial weights
-    loss = model.train_on_batch(case.inputs, case.targets)
+    return _Compiled(model, layers, loss_fn, weight)
+
+
+def _load(case: Case, layers: list) -> None:
+    for layer, dense in zip(case.layers, layers):
+        dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
+
+
+def _step(keras, case: Case, compiled: _Compiled) -> StepResult:
+    _load(case, compiled.layers)
+    compiled.model.optimizer.learning_rate = case.lr
+    loss = compiled.model.train_on_batch(case.inputs, case.targets)
 
     deltas = {}
-    for i, (layer, dense) in enumerate(zip(case.layers, layers)):
+    for i, (layer, dense) in enumerate(zip(case.layers, compiled.layers)):
         values = dense.get_weights()
         deltas[f"layers.{i}.kernel"] = np.asarray(values[0]) - layer.kernel
         if layer.bias is not None:
             deltas[f"layers.{i}.bias"] = np.asarray(values[1]) - layer.bias
-    return StepResult(loss=float(loss), deltas=deltas, trace=trace)
+
+    def trace() -> list[LayerTrace]:  # a second pass, only when a disagreement asks for it
+        _load(case, compiled.layers)
+        return _trace(case, compiled.layers, compiled.loss_fn, compiled.weight)
+
+    return StepResult(loss=float(loss), deltas=deltas, trace_factory=trace)
 
 
 def _variable(v):

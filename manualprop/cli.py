@@ -304,8 +304,12 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         status = "[green]hold[/green]" if not bad else f"[red]{len(bad)} of {len(result.expected)} fail[/red]"
         parts.append(f"  golden values in {checked}: {status}")
     for c in [*result.comparisons, *result.expected]:
-        if not c.ok and not harness.is_known(c):
+        if harness.failed(c):
             parts.append(f"[red]{escape(_indent(c.message))}[/red]")
+        elif harness.is_rounding(c):
+            near = ", ".join(f"{n} {r:.0%}" for n, r in c.extra["rounding"].items())
+            parts.append(f"  [yellow]{escape(c.param)}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
+                         f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]")
     if result.diagnosis is not None:
         parts.extend(_diagnosis_lines(result))
     if show_deltas:
@@ -329,6 +333,8 @@ def _cell(c: Comparison | None) -> str:
         return ""
     if not c.ok and harness.is_known(c):
         return f"[yellow]{c.max_abs_diff:.1e} known[/yellow]"
+    if harness.is_rounding(c):
+        return f"[yellow]{c.max_abs_diff:.1e} ~[/yellow]"
     return f"{c.max_abs_diff:.1e}" if c.ok else f"[red]{c.max_abs_diff:.1e}[/red]"
 
 

@@ -125,6 +125,8 @@ def oracle_distance(case: Case, run: "EngineRun", oracle: "EngineRun") -> float:
 
 def first_non_finite(case: Case, result: StepResult) -> str | None:
     """Where a NaN or an infinity first appears, in the order of the computation."""
+    if np.isfinite(result.loss) and all(np.all(np.isfinite(d)) for d in result.deltas.values()):
+        return None  # the trace is looked at only when there is something to locate
     for step in order(case):
         found = value(result, step)
         if found is not None and not np.all(np.isfinite(found)):

@@ -14,7 +14,7 @@ Looking an engine up never imports its framework: ``unavailable()`` checks for i
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
@@ -42,18 +42,38 @@ class LayerTrace:
     db: np.ndarray | None = None
 
 
-@dataclass
 class StepResult:
     """What one step returns: the loss before the step and, per parameter, updated minus initial.
 
     ``deltas`` is keyed ``layers.<i>.kernel`` / ``layers.<i>.bias`` with every kernel in the
-    (in, out) layout, whatever layout the engine keeps internally.
+    (in, out) layout, whatever layout the engine keeps internally. ``trace`` holds each layer's
+    intermediates; an engine for which they cost a second pass gives ``trace_factory`` instead,
+    and the trace is computed the first time it is read (only a disagreement needs it).
+    ``uncertainty`` is what an engine knows of its own error, per delta element (the oracle's).
     """
 
-    loss: float
-    deltas: dict[str, np.ndarray]
-    trace: list[LayerTrace] = field(default_factory=list)
-    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # per delta element, where an engine knows it
+    def __init__(self, loss: float, deltas: dict[str, np.ndarray], trace: list[LayerTrace] | None = None,
+                 uncertainty: dict[str, np.ndarray] | None = None, *,
+                 trace_factory: Callable[[], list[LayerTrace]] | None = None):
+        self.loss = loss
+        self.deltas = deltas
+        self.uncertainty = uncertainty or {}
+        self._trace = trace
+        self._trace_factory = trace_factory
+        self.trace_error: str | None = None
+
+    @property
+    def trace(self) -> list[LayerTrace]:
+        if self._trace is None:
+            try:
+                self._trace = self._trace_factory() if self._trace_factory else []
+            except Exception as err:  # a diagnostic pass that fails leaves the step's verdict standing
+                self.trace_error = f"{type(err).__name__}: {err}"
+                self._trace = []
+        return self._trace
+
+    def __repr__(self) -> str:
+        return f"StepResult(loss={self.loss!r}, deltas={sorted(self.deltas)})"
 
 
 @runtime_checkable

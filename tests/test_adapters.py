@@ -104,3 +104,37 @@ def test_a_missing_framework_is_a_skip_with_the_install_command(monkeypatch):
     result = harness.run_case(case)
     assert result.runs["torch"].status == "skipped" and result.runs["keras"].status == "skipped"
     assert result.runs["numpy"].status == "ran" and result.ok
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
+def test_a_reused_keras_model_gives_bit_identical_deltas_to_a_fresh_one():
+    from manualprop.adapters.keras_engine import KerasEngine
+
+    first = NON_SQUARE.replace("LAYOUT", KERNEL)
+    other = first.replace("lr: 0.1", "lr: 0.37").replace("[1, 2], [3, 4]", "[-1, 2.5], [3, -4]").replace("0.5, -1.0, 2.0", "1.5, 1.0, -2.0")
+    for dtype in ("float32", "float64"):
+        a, b = (parse_case(text.replace("dtype: float64", f"dtype: {dtype}"), "reuse.yaml") for text in (first, other))
+        engine = KerasEngine()
+        before = engine.step(a)
+        engine.step(b)  # the same architecture: the same compiled model, other weights and learning rate
+        again = engine.step(a)
+        fresh = KerasEngine().step(a)
+        assert len(engine._compiled) == 1
+        for name in before.deltas:
+            assert before.deltas[name].dtype == np.dtype(dtype)
+            assert before.deltas[name].tobytes() == again.deltas[name].tobytes() == fresh.deltas[name].tobytes(), name
+        assert before.loss == again.loss == fresh.loss
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
+def test_a_float64_model_after_a_float32_one_is_float64():
+    from manualprop.adapters.keras_engine import KerasEngine
+
+    text = NON_SQUARE.replace("LAYOUT", KERNEL).replace("lr: 0.1", "lr: 0.123456789")
+    engine = KerasEngine()
+    engine.step(parse_case(text.replace("dtype: float64", "dtype: float32"), "f32.yaml"))
+    case = parse_case(text, "f64.yaml")
+    result, reference = engine.step(case), NumpyEngine().step(case)
+    for name, delta in result.deltas.items():
+        np.testing.assert_allclose(delta, reference.deltas[name], rtol=1e-12, atol=1e-15)
+    assert result.trace and result.trace[0].Z.dtype == np.float64  # the second pass, on request
