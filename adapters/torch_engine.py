@@ -15,6 +15,8 @@ Conventions pinned here:
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,60 +39,95 @@ class TorchEngine:
             return f"torch is not installed (install it with: {INSTALL})"
         return None
 
+    def __init__(self, cache_size: int = 64):
+        self.cache_size = cache_size
+        self._built: OrderedDict[tuple, _Built] = OrderedDict()
+
     def step(self, case: Case) -> StepResult:
         import torch
-        from torch import nn
 
-        dtype = {"float32": torch.float32, "float64": torch.float64}[case.dtype.name]
-        activation = {
-            "linear": lambda alpha: nn.Identity(),
-            "sigmoid": lambda alpha: nn.Sigmoid(),
-            "tanh": lambda alpha: nn.Tanh(),
-            "relu": lambda alpha: nn.ReLU(),
-            "leaky_relu": lambda alpha: nn.LeakyReLU(negative_slope=alpha),
-            "softmax": lambda alpha: nn.Softmax(dim=1),
-        }
-        loss_module = {"mse": nn.MSELoss, "mae": nn.L1Loss, "categorical_crossentropy": nn.CrossEntropyLoss}
-
-        linears, modules = [], []
-        for i, layer in enumerate(case.layers):
-            linear = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.bias is not None, dtype=dtype)
-            with torch.no_grad():
+        built = self.built(torch, case)
+        with torch.no_grad():
+            for layer, linear in zip(case.layers, built.linears):
                 linear.weight.copy_(torch.from_numpy(swap_layout(layer.kernel)))
                 if layer.bias is not None:
                     linear.bias.copy_(torch.from_numpy(layer.bias))
-            linears.append(linear)
-            modules.append(linear)
-            last = i == len(case.layers) - 1
-            if not (last and case.loss == "categorical_crossentropy"):  # CrossEntropyLoss takes logits
-                modules.append(activation[layer.activation](layer.alpha))
-        model = nn.Sequential(*modules)
-        criterion = loss_module[case.loss](reduction=case.reduction)
-        optimizer = torch.optim.SGD(model.parameters(), lr=case.lr)
+        for group in built.optimizer.param_groups:
+            group["lr"] = case.lr
+        built.outputs.clear()
 
-        # Hooks keep each layer's Z (nn.Linear's output) and A (the activation module's output)
-        # with their gradients, for the per-layer trace; they change nothing in the step.
-        outputs: dict[int, torch.Tensor] = {}
-
-        def keep(module, inputs, output):
-            output.retain_grad()
-            outputs[id(module)] = output
-
-        hooks = [m.register_forward_hook(keep) for m in modules]
-        optimizer.zero_grad()
-        loss = case.scale * criterion(model(torch.from_numpy(case.inputs)), torch.from_numpy(case.targets))
+        built.optimizer.zero_grad(set_to_none=True)
+        loss = case.scale * built.criterion(built.model(torch.from_numpy(case.inputs)), torch.from_numpy(case.targets))
         loss.backward()
-        optimizer.step()
-        for hook in hooks:
-            hook.remove()
+        built.optimizer.step()
 
         deltas = {}
-        for i, (layer, linear) in enumerate(zip(case.layers, linears)):
+        for i, (layer, linear) in enumerate(zip(case.layers, built.linears)):
             deltas[f"layers.{i}.kernel"] = swap_layout(linear.weight.detach().numpy()) - layer.kernel
             if layer.bias is not None:
                 deltas[f"layers.{i}.bias"] = linear.bias.detach().numpy() - layer.bias
-        trace = _trace(torch, case, modules, linears, outputs)
+        trace = _trace(torch, case, built.modules, built.linears, built.outputs)
         return StepResult(loss=float(loss.item()), deltas=deltas, trace=trace)
+
+    def built(self, torch, case: Case) -> "_Built":
+        """The modules, loss and optimizer for the case's architecture: built once, then reused
+        (weights and learning rate are loaded for every step; plain SGD keeps no other state)."""
+        key = (case.dtype.name, case.inputs.shape[1], tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers),
+               case.loss, case.reduction)
+        if key in self._built:
+            self._built.move_to_end(key)
+            return self._built[key]
+        built = self._built[key] = _build(torch, case)
+        if len(self._built) > self.cache_size:
+            self._built.popitem(last=False)
+        return built
+
+
+@dataclass
+class _Built:
+    model: object
+    linears: list
+    modules: list
+    criterion: object
+    optimizer: object
+    outputs: dict  # id(module) -> its output in the last step, with its gradient retained
+
+
+def _build(torch, case: Case) -> _Built:
+    from torch import nn
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[case.dtype.name]
+    activation = {
+        "linear": lambda alpha: nn.Identity(),
+        "sigmoid": lambda alpha: nn.Sigmoid(),
+        "tanh": lambda alpha: nn.Tanh(),
+        "relu": lambda alpha: nn.ReLU(),
+        "leaky_relu": lambda alpha: nn.LeakyReLU(negative_slope=alpha),
+        "softmax": lambda alpha: nn.Softmax(dim=1),
+    }
+    loss_module = {"mse": nn.MSELoss, "mae": nn.L1Loss, "categorical_crossentropy": nn.CrossEntropyLoss}
+
+    linears, modules = [], []
+    for i, layer in enumerate(case.layers):
+        linear = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.bias is not None, dtype=dtype)
+        linears.append(linear)
+        modules.append(linear)
+        last = i == len(case.layers) - 1
+        if not (last and case.loss == "categorical_crossentropy"):  # CrossEntropyLoss takes logits
+            modules.append(activation[layer.activation](layer.alpha))
+    model = nn.Sequential(*modules)
+    outputs: dict[int, object] = {}
+
+    # Hooks keep each layer's Z (nn.Linear's output) and A (the activation module's output) with
+    # their gradients, for the per-layer trace; they change nothing in the step.
+    def keep(module, inputs, output):
+        output.retain_grad()
+        outputs[id(module)] = output
+
+    for m in modules:
+        m.register_forward_hook(keep)
+    optimizer = torch.optim.SGD(model.parameters(), lr=case.lr)
+    return _Built(model, linears, modules, loss_module[case.loss](reduction=case.reduction), optimizer, outputs)
 
 
 def _trace(torch, case: Case, modules: list, linears: list, outputs: dict) -> list[LayerTrace]:

@@ -106,20 +106,22 @@ def test_a_missing_framework_is_a_skip_with_the_install_command(monkeypatch):
     assert result.runs["numpy"].status == "ran" and result.ok
 
 
-@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
-def test_a_reused_keras_model_gives_bit_identical_deltas_to_a_fresh_one():
+@pytest.mark.parametrize("engine", FRAMEWORKS)
+def test_a_reused_model_gives_bit_identical_deltas_to_a_fresh_one(engine):
     from manualprop.adapters.keras_engine import KerasEngine
+    from manualprop.adapters.torch_engine import TorchEngine
 
+    Engine = {"keras": KerasEngine, "torch": TorchEngine}[engine]
     first = NON_SQUARE.replace("LAYOUT", KERNEL)
     other = first.replace("lr: 0.1", "lr: 0.37").replace("[1, 2], [3, 4]", "[-1, 2.5], [3, -4]").replace("0.5, -1.0, 2.0", "1.5, 1.0, -2.0")
     for dtype in ("float32", "float64"):
         a, b = (parse_case(text.replace("dtype: float64", f"dtype: {dtype}"), "reuse.yaml") for text in (first, other))
-        engine = KerasEngine()
-        before = engine.step(a)
-        engine.step(b)  # the same architecture: the same compiled model, other weights and learning rate
-        again = engine.step(a)
-        fresh = KerasEngine().step(a)
-        assert len(engine._compiled) == 1
+        reused = Engine()
+        before = reused.step(a)
+        reused.step(b)  # the same architecture: the same model, other weights and learning rate
+        again = reused.step(a)
+        fresh = Engine().step(a)
+        assert len(getattr(reused, "_compiled", getattr(reused, "_built", None))) == 1
         for name in before.deltas:
             assert before.deltas[name].dtype == np.dtype(dtype)
             assert before.deltas[name].tobytes() == again.deltas[name].tobytes() == fresh.deltas[name].tobytes(), name
