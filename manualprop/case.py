@@ -122,6 +122,13 @@ def parse_case(text: str, file: str, default_name: str = "case", known_engines: 
     if not isinstance(data, dict):
         found = "a list" if isinstance(data, list) else "nothing" if data is None else f"{type(data).__name__} {_show(data)}"
         raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", lines.get((), 1) if isinstance(data, list) else 1)])
+    return case_from_data(data, file, default_name, known_engines, lines)
+
+
+def case_from_data(data: dict, file: str, default_name: str = "case", known_engines: Iterable[str] | None = None,
+                   lines: dict[tuple, int] | None = None) -> Case:
+    """Validate a case already read as data (what safe YAML gives); ``lines`` maps fields to lines."""
+    lines = lines or {}
     try:
         spec = schema.CaseSpec.model_validate(data)
     except ValidationError as err:

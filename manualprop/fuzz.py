@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, find, settings, strategies as st
 from hypothesis.errors import HypothesisWarning, NoSuchExample
 
 from . import engines as registry
-from .case import parse_case
+from .case import case_from_data, parse_case
 from .errors import CaseError
 from .harness import CaseResult, failed, run_case
 
@@ -136,7 +136,7 @@ class Runner:
 
     def result(self, data: dict) -> CaseResult | None:
         try:
-            case = parse_case(to_yaml(data), "fuzz.yaml", default_name="fuzz", known_engines=self.known)
+            case = case_from_data(data, "fuzz.yaml", default_name="fuzz", known_engines=self.known)
         except CaseError:
             return None
         return run_case(case, self.engines)
