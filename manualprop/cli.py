@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     fz.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0): the same seed, the same cases")
     fz.add_argument("--out", default="fuzz-findings", metavar="DIR", help="where minimal cases are written (default fuzz-findings/)")
     fz.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to run (default: every installed one)")
+    fz.add_argument("--architectures", type=int, metavar="K", help=(
+        "draw the cases over K architectures instead of a new one for each case: much faster with Keras, "
+        "which reuses its compiled models; shrinking then goes to the simplest architecture of the K"))
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
     schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
@@ -102,8 +105,8 @@ def _fuzz(args: argparse.Namespace) -> int:
 
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if args.n < 1:
-        err.print(f"[red]manualprop fuzz: --n must be at least 1, got {args.n}[/red]")
+    if args.n < 1 or (args.architectures is not None and args.architectures < 1):
+        err.print(f"[red]manualprop fuzz: --n and --architectures must be at least 1, got {args.n} and {args.architectures}[/red]")
         return EXIT_INVALID
     _print_unavailable(out, args.engines)
     progress = Progress(TextColumn("fuzzing"), BarColumn(), TextColumn("{task.completed}/{task.total} cases"),
@@ -117,7 +120,7 @@ def _fuzz(args: argparse.Namespace) -> int:
             progress.update(task, completed=summary.cases, rate=summary.cases / max(time.perf_counter() - start, 1e-9),
                             found=len(summary.findings))
 
-        summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update)
+        summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update, args.architectures)
     out.print(f"{summary.cases} random cases in {summary.seconds:.1f} s ({summary.rate:.1f} cases/s), seed {args.seed}")
     if summary.closest_case:
         out.print(f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})")

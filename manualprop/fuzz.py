@@ -41,37 +41,85 @@ LEAKY_FLOAT64 = ("in float64 TensorFlow rounds leaky_relu's slope to float32 "
                  "(cases/canaries/keras_float64_leaky_slope.yaml)")
 
 
-@st.composite
-def case_data(draw) -> dict:
-    """The data of a random case file (what yaml.safe_load of one would give)."""
-    dtype = draw(st.sampled_from(["float64", "float32"]))
-    loss = draw(st.sampled_from(["mse", "mae", "categorical_crossentropy"]))
-    depth = draw(st.integers(1, 5))
-    batch = draw(st.integers(1, 32))
-    features = fan_in = draw(st.integers(1, 16))
-    weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
-    layers = []
+class _Hypothesis:
+    """Choices drawn by Hypothesis (so that it can shrink them)."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def integers(self, low: int, high: int) -> int:
+        return self.draw(st.integers(low, high))
+
+    def sampled_from(self, options: list):
+        return self.draw(st.sampled_from(options))
+
+    def booleans(self) -> bool:
+        return self.draw(st.booleans())
+
+
+class _Random:
+    """The same choices from a seeded random generator (for a pool of architectures)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def integers(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+    def sampled_from(self, options: list):
+        return self.rng.choice(options)
+
+    def booleans(self) -> bool:
+        return self.rng.random() < 0.5
+
+
+def architecture(choose) -> dict:
+    """What a compiled model depends on: dtype, loss, its reduction and scale, and the layers."""
+    loss = choose.sampled_from(["mse", "mae", "categorical_crossentropy"])
+    arch = {"dtype": choose.sampled_from(["float64", "float32"]),
+            "loss": {"name": loss, "reduction": choose.sampled_from(["mean", "sum"]), "scale": choose.sampled_from(LOSS_SCALES)},
+            "features": choose.integers(1, 16), "layers": []}
+    depth = choose.integers(1, 5)
     for i in range(depth):
         last = i == depth - 1
         if last and loss == "categorical_crossentropy":
-            activation, units = "softmax", draw(st.integers(2, 16))
+            activation = "softmax"
         else:
-            activation = draw(st.sampled_from(HIDDEN + (["softmax"] if last else [])))
-            units = draw(st.integers(2 if activation == "softmax" else 1, 16))  # a softmax of one unit is constant
-        layer: dict = {"units": units, "activation": activation,
-                       "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)}}
-        if activation == "leaky_relu":
-            layer["activation"] = {"name": "leaky_relu", "alpha": draw(st.sampled_from(ALPHAS))}
-        layer["bias"] = False if draw(st.booleans()) else {"random": "normal", "std": 0.1}
-        layers.append(layer)
-        fan_in = units
+            activation = choose.sampled_from(HIDDEN + (["softmax"] if last else []))
+        layer: dict = {"units": choose.integers(2 if activation == "softmax" else 1, 16)}  # a softmax of one unit is constant
+        layer["activation"] = {"name": "leaky_relu", "alpha": choose.sampled_from(ALPHAS)} if activation == "leaky_relu" else activation
+        layer["bias"] = not choose.booleans()
+        arch["layers"].append(layer)
+    return arch
+
+
+def pool(size: int, seed: int) -> list[dict]:
+    """``size`` architectures from ``seed``, simplest first (Hypothesis shrinks towards the front)."""
+    rng = random.Random(seed)
+    found = [architecture(_Random(rng)) for _ in range(size)]
+    return sorted(found, key=lambda a: (len(a["layers"]), sum(l["units"] for l in a["layers"]), a["features"]))
+
+
+@st.composite
+def case_data(draw, architectures: list[dict] | None = None) -> dict:
+    """The data of a random case file (what safe YAML of one would give): an architecture, drawn
+    afresh or from ``architectures``, then the numbers of this case."""
+    arch = draw(st.sampled_from(architectures)) if architectures else architecture(_Hypothesis(draw))
+    batch = draw(st.integers(1, 32))
+    weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
+    layers, fan_in = [], arch["features"]
+    for spec in arch["layers"]:
+        layers.append({"units": spec["units"], "activation": spec["activation"],
+                       "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)},
+                       "bias": {"random": "normal", "std": 0.1} if spec["bias"] else False})
+        fan_in = spec["units"]
     data = {
-        "dtype": dtype,
+        "dtype": arch["dtype"],
         "seed": draw(st.integers(0, 2**32 - 1)),
-        "loss": {"name": loss, "reduction": draw(st.sampled_from(["mean", "sum"])), "scale": draw(st.sampled_from(LOSS_SCALES))},
+        "loss": dict(arch["loss"]),
         "lr": draw(st.sampled_from(LEARNING_RATES)),
-        "inputs": {"random": "uniform", "shape": [batch, features], "low": -1.0, "high": 1.0},
-        "targets": {"random": "one_hot"} if loss == "categorical_crossentropy" else {"random": "normal"},
+        "inputs": {"random": "uniform", "shape": [batch, arch["features"]], "low": -1.0, "high": 1.0},
+        "targets": {"random": "one_hot"} if arch["loss"]["name"] == "categorical_crossentropy" else {"random": "normal"},
         "layers": layers,
     }
     return with_known_conventions(data)
@@ -223,8 +271,13 @@ def write_case(data: dict, out: Path, header: list[str], explain: Callable[[str,
 
 
 def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
-         progress: Callable[[Summary], None] | None = None) -> Summary:
-    """Run ``n`` random cases; write each distinct finding, minimised, to ``out``."""
+         progress: Callable[[Summary], None] | None = None, architectures: int | None = None) -> Summary:
+    """Run ``n`` random cases; write each distinct finding, minimised, to ``out``.
+
+    Every case has an architecture of its own, unless ``architectures`` asks for a pool of that
+    many: Keras then reuses its compiled models (a new architecture costs it a model build and a
+    traced step, 0.1 to 0.3 s), and shrinking goes to the simplest architecture of the pool."""
+    choices = pool(architectures, seed) if architectures else None
     names = list(engines) if engines else [e for e in registry.default_names() if registry.get(e).unavailable() is None]
     summary = Summary()
     rng = random.Random(seed)
@@ -238,7 +291,7 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
             with warnings.catch_warnings():
                 # TensorFlow raises the recursion limit when it is imported, mid-run: harmless here.
                 warnings.filterwarnings("ignore", "The recursion limit will not be reset", HypothesisWarning)
-                found = find(case_data(), runner, settings=config, random=rng)
+                found = find(case_data(choices), runner, settings=config, random=rng)
         except NoSuchExample:
             break
         minimal = simplify_numbers(found, lambda d: is_finding(runner.result(d) or CaseResult("")))
@@ -247,7 +300,8 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
             result = run_case(parse_case(text, where, known_engines=runner.known), names)
             return result.diagnosis.sentence if result.diagnosis else "the engines disagree"
 
-        header = [f"Found by: manualprop fuzz --n {n} --seed {seed} --engines {','.join(names)}",
+        flags = f" --architectures {architectures}" if architectures else ""
+        header = [f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
                   "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed."]
         path = write_case(minimal, out, header, explain)
         if path not in written:

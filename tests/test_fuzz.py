@@ -52,3 +52,21 @@ def test_random_cases_raise_no_false_alarm(seed, tmp_path, capsys):
     assert not summary.findings, [f"{f.path}: {f.sentence}\n{f.path.read_text()}" for f in summary.findings]
     with capsys.disabled():
         print(f"\n  seed {1000 + seed}: closest call {summary.closest:.1%} of the tolerance ({summary.closest_case})")
+
+
+@needs_framework
+def test_a_pool_of_architectures_finds_the_fault_too(wrong_tanh_derivative, tmp_path):
+    summary = fuzz(60, 3, tmp_path, ["numpy", FRAMEWORK], architectures=6)
+    assert summary.findings
+    text = summary.findings[0].path.read_text()
+    assert "--architectures 6" in text.splitlines()[0] and "tanh" in text
+    assert cli.main(["run", str(summary.findings[0].path), "--engines", f"numpy,{FRAMEWORK}"]) == 1
+
+
+def test_the_pool_is_the_same_for_the_same_seed_and_simplest_first():
+    from manualprop.fuzz import pool
+
+    first, again = pool(8, 42), pool(8, 42)
+    assert first == again and len(first) == 8
+    sizes = [(len(a["layers"]), sum(l["units"] for l in a["layers"])) for a in first]
+    assert sizes == sorted(sizes)

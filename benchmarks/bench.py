@@ -1,0 +1,216 @@
+"""manualprop's benchmark: prints every figure in one table; asserts nothing.
+
+    python benchmarks/bench.py            # the full run
+    python benchmarks/bench.py --quick    # fewer repetitions (CI runs this)
+
+Figures: the bundled suite's wall time with and without imports; each engine's marginal cost
+per case next to the bare framework step on the same case (the harness's overhead as a ratio);
+the NumPy engine against PyTorch on a large MLP (784-1024-1024-10, batch 256); fuzz throughput;
+and the start-up time of `manualprop run --engines numpy` on one case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ONE_CASE = ROOT / "cases" / "seeds" / "cs4820_a7_tanh_softmax.yaml"
+
+
+def timed(fn, repeat: int) -> float:
+    """The median seconds of ``repeat`` calls."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_command(args: list[str], cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def suite_figures(rows: list, quick: bool) -> None:
+    from manualprop import engines, harness
+    from manualprop.case import load_case
+
+    with tempfile.TemporaryDirectory() as where:
+        cold = run_command([sys.executable, "-m", "manualprop.cli", "run", "-q"], cwd=Path(where))
+    rows.append(("suite: the bundled cases, every engine, imports included", f"{cold:.2f} s", "manualprop run, a fresh process"))
+    paths = harness.find_cases([harness.bundled_cases()])
+    cases = [load_case(p, engines.names()) for p in paths]
+    names = [n for n in engines.default_names() if engines.get(n).unavailable() is None]
+    for case in cases:  # imports, first model builds
+        harness.run_case(case, names)
+    warm = timed(lambda: [harness.run_case(c, names) for c in cases], 1 if quick else 3)
+    rows.append(("suite: the bundled cases, every engine, imports excluded", f"{warm:.2f} s", f"{len(cases)} cases, warm"))
+
+
+def bare_torch(case):
+    """The same step written directly in PyTorch, the model built beforehand: the floor."""
+    import torch
+    from torch import nn
+
+    dtype = getattr(torch, case.dtype.name)
+    acts = {"linear": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "softmax": lambda: nn.Softmax(dim=1)}
+    modules = []
+    for i, layer in enumerate(case.layers):
+        modules.append(nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.bias is not None, dtype=dtype))
+        last = i == len(case.layers) - 1
+        if not (last and case.loss == "categorical_crossentropy"):
+            modules.append(nn.LeakyReLU(layer.alpha) if layer.activation == "leaky_relu" else acts[layer.activation]())
+    model = nn.Sequential(*modules)
+    criterion = {"mse": nn.MSELoss, "mae": nn.L1Loss, "categorical_crossentropy": nn.CrossEntropyLoss}[case.loss](reduction=case.reduction)
+    optimizer = torch.optim.SGD(model.parameters(), lr=case.lr)
+    x, t = torch.from_numpy(case.inputs), torch.from_numpy(case.targets)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        (case.scale * criterion(model(x), t)).backward()
+        optimizer.step()
+    return step
+
+
+def bare_keras(case):
+    """train_on_batch on a model compiled beforehand: the floor of the Keras engine."""
+    from manualprop import engines
+
+    engine = engines.get("keras")
+    from manualprop.adapters.keras_engine import _import_keras
+
+    keras = _import_keras()
+    floatx = keras.config.floatx() if hasattr(keras, "config") else keras.backend.floatx()
+    compiled = engine.compiled(keras, case)
+    del floatx
+    return lambda: compiled.model.train_on_batch(case.inputs, case.targets)
+
+
+def engine_figures(rows: list, quick: bool) -> None:
+    from manualprop import engines, harness
+    from manualprop.case import load_case
+
+    cases = [load_case(p, engines.names()) for p in harness.find_cases([harness.bundled_cases()])]
+    cases = [c for c in cases if not c.known_differences]
+    repeat = 3 if quick else 20
+    bare = {"torch": bare_torch, "keras": bare_keras}
+    for name in ("numpy", "torch", "keras"):
+        engine = engines.get(name)
+        if engine.unavailable():
+            rows.append((f"{name}: marginal cost per case", "skipped", engine.unavailable()))
+            continue
+        for case in cases:
+            engine.step(case)  # warm-up: imports, first builds
+        per_case = statistics.mean(timed(lambda c=c: engine.step(c), repeat) for c in cases) * 1000
+        if name in bare:
+            floors = []
+            for case in cases:
+                step = bare[name](case)
+                step()
+                floors.append(timed(step, repeat))
+            floor = statistics.mean(floors) * 1000
+            rows.append((f"{name}: marginal cost per case (warm)", f"{per_case:.2f} ms", f"bare {name} step {floor:.2f} ms: overhead x{per_case / floor:.2f}"))
+        else:
+            rows.append((f"{name}: marginal cost per case (warm)", f"{per_case:.3f} ms", f"mean over {len(cases)} bundled cases"))
+
+
+MLP = """
+dtype: {dtype}
+seed: 0
+loss: categorical_crossentropy
+lr: 0.01
+inputs: {{random: uniform, shape: [256, 784], low: 0, high: 1}}
+targets: {{random: one_hot}}
+layers:
+  - {{units: 1024, activation: relu, init: he_normal}}
+  - {{units: 1024, activation: relu, init: he_normal}}
+  - {{units: 10, activation: softmax, init: glorot_uniform}}
+"""
+
+
+def mlp_figures(rows: list, quick: bool) -> None:
+    from manualprop import engines, parse_case
+
+    if not installed("torch"):
+        rows.append(("numpy / torch on 784-1024-1024-10", "skipped", "torch is not installed"))
+        return
+    for dtype in ("float32", "float64"):
+        case = parse_case(MLP.format(dtype=dtype), "mlp.yaml")
+        times = {}
+        for name in ("numpy", "torch"):
+            engine = engines.get(name)
+            engine.step(case)
+            times[name] = timed(lambda: engine.step(case), 3 if quick else 10)
+        rows.append((f"numpy / torch, 784-1024-1024-10, batch 256, {dtype}", f"x{times['numpy'] / times['torch']:.2f}",
+                     f"numpy {times['numpy'] * 1000:.1f} ms, torch {times['torch'] * 1000:.1f} ms a step"))
+
+
+def fuzz_figures(rows: list, quick: bool) -> None:
+    from manualprop import engines
+    from manualprop.fuzz import fuzz
+
+    names = [n for n in engines.default_names() if engines.get(n).unavailable() is None]
+    n = 20 if quick else 100
+    with tempfile.TemporaryDirectory() as out:
+        fuzz(5, 99, Path(out), names)  # warm-up
+        summary = fuzz(n, 1, Path(out), names)
+        rows.append((f"fuzz throughput, {', '.join(names)}", f"{summary.rate:.1f} cases/s", f"{n} random cases, every one a new architecture"))
+        if "keras" in names:
+            pooled = fuzz(n, 1, Path(out), names, architectures=8)
+            rows.append(("fuzz throughput, --architectures 8", f"{pooled.rate:.1f} cases/s", "cases drawn over 8 architectures, models reused"))
+        fast = [x for x in names if x != "keras"]
+        summary = fuzz(n, 1, Path(out), fast)
+        rows.append((f"fuzz throughput, {', '.join(fast)}", f"{summary.rate:.1f} cases/s", f"{n} random cases"))
+
+
+def startup_figures(rows: list, quick: bool) -> None:
+    command = [sys.executable, "-m", "manualprop.cli", "run", str(ONE_CASE), "--engines", "numpy", "-q"]
+    seconds = statistics.median(run_command(command) for _ in range(3 if quick else 7))
+    script = [str(Path(sys.executable).parent / "manualprop"), "run", str(ONE_CASE), "--engines", "numpy", "-q"]
+    rows.append(("start-up: manualprop run --engines numpy, one case", f"{seconds:.2f} s", "python -m manualprop.cli, median"))
+    if Path(script[0]).exists():
+        rows.append(("start-up: the manualprop console script, same", f"{statistics.median(run_command(script) for _ in range(3)):.2f} s", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, for CI")
+    args = parser.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    for part in (startup_figures, suite_figures, engine_figures, mlp_figures, fuzz_figures):
+        part(rows, args.quick)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from manualprop.fingerprint import environment
+
+    env = environment()
+    table = Table(title=f"manualprop benchmark{' (quick)' if args.quick else ''}: {platform.processor() or platform.machine()}, "
+                        f"{os.cpu_count()} cores, Python {env['python']}, NumPy {env['numpy']}, torch {env['torch']}, "
+                        f"TensorFlow {env['tensorflow']}, Keras {env['keras']}", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
