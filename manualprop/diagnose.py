@@ -226,6 +226,9 @@ def _constant_ratio(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def _factor_hint(case: Case, c: float, engine: str) -> str:
+    if c == 0:
+        return (f"{engine}'s deltas are zero where the others' are not: a gradient that does not flow "
+                "(a saturated unit, a clipped probability, a detached tensor)")
     batch, outputs = case.inputs.shape[0], case.targets.shape[1]
     named = [
         (-1.0, "a sign flip: the update adds lr * g instead of subtracting it"),
@@ -260,6 +263,7 @@ def hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") 
         if a.ndim == 2 and a.T.shape == b.shape and np.allclose(a.T, b, rtol=case.rtol * 10, atol=case.atol * 10):
             found.append(f"{n}: {culprit.engine}'s delta matches after transposing: a layout slip, (out, in) where (in, out) belongs")
     found += _leaky_hint(case, step, culprit, reference)
+    found += _saturation_hint(case, step, culprit, reference)
     found += _clipping_hint(case, culprit, reference, failing)
     if case.loss == "categorical_crossentropy" and not np.allclose(case.targets.sum(axis=1), 1.0) and step.label in ("loss gradient", "dZ", "dW", "db", "delta"):
         found.append("the targets do not sum to 1 per sample: the gradient of -sum(t log softmax(z)) is p * sum(t) - t; "
@@ -280,6 +284,19 @@ def _leaky_hint(case, step, culprit, reference) -> list[str]:
     alpha = case.layers[step.layer].alpha
     return [f"layer {step.layer}: {culprit.engine}'s leaky_relu slope is {alpha * c:.4g}, not the case's {alpha:g}"
             " (PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3)"]
+
+
+def _saturation_hint(case, step, culprit, reference) -> list[str]:
+    """tanh or sigmoid outputs within float32 rounding of their limits: 1 - a^2 or a (1 - a) is then
+    mostly rounding, and TensorFlow's float32 tanh reaches exactly 1 from |z| >= 8."""
+    if step.label != "dZ" or case.layers[step.layer].activation not in ("tanh", "sigmoid") or case.dtype != np.float32:
+        return []
+    a = value(reference, Step("A", step.layer, "A"))
+    if a is None or not np.any(np.abs(a) > 1 - 1e-5):
+        return []
+    return [f"layer {step.layer}: some {case.layers[step.layer].activation} outputs are within 1e-5 of their limit, where the "
+            "float32 derivative is mostly rounding; TensorFlow's float32 tanh is exactly 1 from |z| >= 8 "
+            "(see cases/canaries/keras_float32_tanh_saturation.yaml)"]
 
 
 def _clipping_hint(case, culprit, reference, failing) -> list[str]:
