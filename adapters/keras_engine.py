@@ -25,7 +25,6 @@ set (:func:`_floatx`) and how leaky_relu takes its slope (:func:`_activation`).
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from dataclasses import dataclass
 import importlib.util
 import logging
@@ -37,7 +36,7 @@ import tempfile
 import numpy as np
 
 from manualprop.case import Case
-from manualprop.engines import LayerTrace, StepResult
+from manualprop.engines import BuildCache, LayerTrace, StepResult
 
 INSTALL = "pip install tensorflow-cpu"
 
@@ -63,8 +62,7 @@ class KerasEngine:
         return None
 
     def __init__(self, cache_size: int = 64):
-        self.cache_size = cache_size
-        self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
+        self.models = BuildCache(cache_size)
 
     def step(self, case: Case) -> StepResult:
         keras = _import_keras()
@@ -80,14 +78,7 @@ class KerasEngine:
     def compiled(self, keras, case: Case) -> "_Compiled":
         """The compiled model for the case's architecture, dtype and loss: built once, then reused
         (its weights and learning rate are loaded for every step; plain SGD keeps no other state)."""
-        key = _architecture(keras, case)
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        compiled = self._compiled[key] = _build(keras, case)
-        if len(self._compiled) > self.cache_size:
-            self._compiled.popitem(last=False)
-        return compiled
+        return self.models.get(_architecture(keras, case), lambda: _build(keras, case))
 
 
 # Informational lines TensorFlow writes straight to file descriptor 2 at import and device

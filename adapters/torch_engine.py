@@ -15,13 +15,12 @@ Conventions pinned here:
 from __future__ import annotations
 
 import importlib.util
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from manualprop.case import Case
-from manualprop.engines import LayerTrace, StepResult
+from manualprop.engines import BuildCache, LayerTrace, StepResult
 
 INSTALL = "pip install torch"
 SMALL_STEP = 2**20  # multiply-adds of the forward pass under which a step uses one thread
@@ -45,8 +44,7 @@ class TorchEngine:
         return None
 
     def __init__(self, cache_size: int = 64):
-        self.cache_size = cache_size
-        self._built: OrderedDict[tuple, _Built] = OrderedDict()
+        self.models = BuildCache(cache_size)
 
     def step(self, case: Case) -> StepResult:
         import torch
@@ -91,13 +89,7 @@ class TorchEngine:
         (weights and learning rate are loaded for every step; plain SGD keeps no other state)."""
         key = (case.dtype.name, case.inputs.shape[1], tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers),
                case.loss, case.reduction)
-        if key in self._built:
-            self._built.move_to_end(key)
-            return self._built[key]
-        built = self._built[key] = _build(torch, case)
-        if len(self._built) > self.cache_size:
-            self._built.popitem(last=False)
-        return built
+        return self.models.get(key, lambda: _build(torch, case))
 
 
 @dataclass

@@ -126,6 +126,8 @@ def _fuzz(args: argparse.Namespace) -> int:
         out.print(f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})")
     for finding in summary.findings:
         out.print(f"[red]disagreement written to {escape(str(finding.path))}: {escape(finding.sentence)}[/red]")
+    if summary.repeats:
+        out.print(f"{summary.repeats} more finding(s) with the same diagnosis as one written were not written again")
     if not summary.findings:
         out.print("[green]no disagreement[/green]")
     return EXIT_MISMATCH if summary.findings else EXIT_OK

@@ -14,6 +14,7 @@ Looking an engine up never imports its framework: ``unavailable()`` checks for i
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
@@ -74,6 +75,27 @@ class StepResult:
 
     def __repr__(self) -> str:
         return f"StepResult(loss={self.loss!r}, deltas={sorted(self.deltas)})"
+
+
+class BuildCache:
+    """What an engine builds per architecture (a compiled model, modules and an optimizer), by key,
+    the least recently used dropped once there are more than ``size``."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, build: Callable[[], object]):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        item = self._items[key] = build()
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @runtime_checkable

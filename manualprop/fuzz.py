@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -171,6 +172,7 @@ class Summary:
     closest: float = 0.0  # the largest worst error / tolerance among the cases that agreed
     closest_case: str = ""
     closest_data: dict | None = None  # that case, to write out and look at
+    repeats: int = 0  # findings with the diagnosis of one already written
 
     @property
     def rate(self) -> float:
@@ -212,6 +214,44 @@ class Runner:
                 self.progress(self.summary)
             self.shrinking = finding
         return finding
+
+
+def _smaller(data: dict):
+    """Candidate cases one step simpler than ``data``: a layer fewer, a plain loss, one unit,
+    one sample, one feature. Each is a valid case (generated arrays follow the new shapes)."""
+    layers, loss = data["layers"], data["loss"]
+    plain_loss = {"name": "mse", "reduction": "mean", "scale": 1.0}
+    for i in range(len(layers)):
+        if len(layers) > 1:
+            rest = [l for j, l in enumerate(layers) if j != i]
+            if loss["name"] != "categorical_crossentropy" or rest[-1]["activation"] == "softmax":
+                yield {**data, "layers": rest}
+            else:
+                yield {**data, "layers": rest, "loss": plain_loss, "targets": {"random": "normal"}}
+    if loss != plain_loss and layers[-1]["activation"] != "softmax":
+        yield {**data, "loss": plain_loss, "targets": {"random": "normal"}}
+    for i, layer in enumerate(layers):
+        smallest = 2 if layer["activation"] == "softmax" else 1
+        if layer["units"] > smallest:
+            yield {**data, "layers": [*layers[:i], {**layer, "units": smallest}, *layers[i + 1:]]}
+    batch, features = data["inputs"]["shape"]
+    if batch > 1:
+        yield {**data, "inputs": {**data["inputs"], "shape": [1, features]}}
+    if features > 1:
+        yield {**data, "inputs": {**data["inputs"], "shape": [batch, 1]}}
+
+
+def reduce_structure(data: dict, still_fails: Callable[[dict], bool]) -> dict:
+    """Greedy steps past Hypothesis's shrinking, which can stop where one choice constrains another
+    (a cross-entropy case must end in softmax): take any simpler case that still fails, repeat."""
+    improved = True
+    while improved:
+        improved = False
+        for candidate in _smaller(data):
+            if still_fails(with_known_conventions({k: v for k, v in candidate.items() if k != "known_differences"})):
+                data, improved = with_known_conventions({k: v for k, v in candidate.items() if k != "known_differences"}), True
+                break
+    return data
 
 
 def simplify_numbers(data: dict, still_fails: Callable[[dict], bool]) -> dict:
@@ -287,7 +327,7 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
     summary = Summary()
     rng = random.Random(seed)
     start = time.perf_counter()
-    written: set[Path] = set()
+    signatures: set[str] = set()
     while summary.cases < n:
         runner = Runner(names, summary, progress)
         config = settings(max_examples=n - summary.cases, database=None, deadline=None, phases=[Phase.generate, Phase.shrink],
@@ -299,7 +339,15 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
                 found = find(case_data(choices), runner, settings=config, random=rng)
         except NoSuchExample:
             break
-        minimal = simplify_numbers(found, lambda d: is_finding(runner.result(d) or CaseResult("")))
+        fails = lambda d: is_finding(runner.result(d) or CaseResult(""))  # noqa: E731
+        minimal = simplify_numbers(reduce_structure(found, fails), fails)
+        # One file per distinct fault: the same diagnosis (lines aside) found again is not written twice.
+        again = runner.result(minimal)
+        signature = re.sub(r", line \d+", "", again.diagnosis.sentence if again and again.diagnosis else "the engines disagree")
+        if signature in signatures:
+            summary.repeats += 1
+            continue
+        signatures.add(signature)
 
         def explain(text: str, where: str) -> str:
             result = run_case(parse_case(text, where, known_engines=runner.known), names)
@@ -309,8 +357,6 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
         header = [f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
                   "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed."]
         path = write_case(minimal, out, header, explain)
-        if path not in written:
-            written.add(path)
-            summary.findings.append(Finding(path, path.read_text(encoding="utf-8").splitlines()[2].removeprefix("# What disagreed: ")))
+        summary.findings.append(Finding(path, path.read_text(encoding="utf-8").splitlines()[2].removeprefix("# What disagreed: ")))
     summary.seconds = time.perf_counter() - start
     return summary
