@@ -196,3 +196,38 @@ def test_an_unknown_loss_lists_every_known_one_and_the_alias():
     with pytest.raises(ValueError) as info:
         losses.get("hinge")
     assert sorted(known_names(str(info.value))) == sorted(["mse", "mae", "categorical_crossentropy", "cce"])
+
+
+# -- the case's dtype, through every activation and loss ---------------------------------------------
+
+
+@pytest.mark.parametrize("hidden", ["linear", "sigmoid", "tanh", "relu", "{name: leaky_relu, alpha: 0.2}"])
+@pytest.mark.parametrize("loss, last, targets", [
+    ("mse", "linear", "{random: normal}"),
+    ("{name: mae, reduction: sum, scale: 0.5}", "sigmoid", "{random: normal}"),
+    ("categorical_crossentropy", "softmax", "{random: one_hot}"),
+])
+def test_a_float32_case_stays_float32_through_every_activation_and_loss(hidden, loss, last, targets):
+    """The SPEC: every engine computes in the case's dtype. Catches a derivative that builds its
+    mask in NumPy's default float64, e.g. relu's (z > 0).astype(None) for .astype(z.dtype), a
+    mutant of a module-level lambda that mutmut itself does not generate (docs/mutation.md)."""
+    case = parse_case(
+        f"""
+dtype: float32
+seed: 3
+loss: {loss}
+lr: 0.1
+inputs: {{random: uniform, shape: [4, 3], low: -1, high: 1}}
+targets: {targets}
+layers:
+  - {{units: 5, activation: {hidden}, bias: {{random: normal, std: 0.5}}}}
+  - {{units: 3, activation: {last}}}
+""",
+        "dtype.yaml",
+    )
+    result = NumpyEngine().step(case)
+    arrays = {f"deltas {name}": delta for name, delta in result.deltas.items()}
+    for i, trace in enumerate(result.trace):
+        arrays.update({f"layers.{i}.{q}": getattr(trace, q) for q in ("Z", "A", "dA", "dZ", "dW", "db")
+                       if getattr(trace, q) is not None})
+    assert {name: a.dtype.name for name, a in arrays.items()} == {name: "float32" for name in arrays}
