@@ -22,7 +22,7 @@ import numpy as np
 
 from .case import Case
 from .engine import forward, loss_value
-from .engines import LayerTrace, StepResult
+from .engines import StepResult
 
 STEP = 1e-6
 
@@ -95,4 +95,4 @@ class NumericEngine:
         return StepResult(loss=loss, deltas=deltas, trace=traces, uncertainty=uncertainty)
 
 
-__all__ = ["NumericEngine", "gradient", "as_float64", "LayerTrace"]
+__all__ = ["NumericEngine", "gradient", "as_float64"]
