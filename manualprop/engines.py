@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
@@ -41,6 +41,7 @@ class LayerTrace:
     dZ: np.ndarray | None = None
     dW: np.ndarray | None = None
     db: np.ndarray | None = None
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # field -> what the engine knows of its error
 
 
 class StepResult:
