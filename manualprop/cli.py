@@ -295,7 +295,7 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         parts.append(table)
     for name, run in result.runs.items():
         if run.status == "error":
-            parts.append(f"  [red]{name} failed: {escape(run.reason or '')}[/red]")
+            parts.append(f"  [red]{name} {escape(run.reason or '')}[/red]")
         if run.non_finite:
             parts.append(f"  [red]{name}: a non-finite value: {escape(run.non_finite)}[/red]")
     for name, reason in case.known_differences.items():
@@ -315,7 +315,7 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
             near = ", ".join(f"{n} {r:.0%}" for n, r in c.extra["rounding"].items())
             parts.append(f"  [yellow]{escape(c.param)}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
                          f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]")
-    if result.diagnosis is not None:
+    if result.diagnosis is not None and result.diagnosis.quantity != "crash":  # a crash is printed above
         parts.extend(_diagnosis_lines(result))
     if show_deltas:
         parts.extend(_delta_tables(result))
@@ -328,7 +328,7 @@ def _diagnosis_lines(result: CaseResult) -> list[str]:
     if d.oracle_distance:
         distances = ", ".join(f"{name} {_ratio(ratio, plain=True)} of its tolerance away"
                               for name, ratio in sorted(d.oracle_distance.items(), key=lambda kv: kv[1]))
-        lines.append(f"  oracle (finite differences in float64): {escape(distances)}")
+        lines.append(f"  oracle (central differences, 128-bit): {escape(distances)}")
     lines += [f"  hint: {escape(h)}" for h in d.hints]
     return lines
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .case import Case
+from . import engines
 from .diagnose import Step, value
 from .harness import CaseResult
 
@@ -42,9 +43,12 @@ def sections(result: CaseResult) -> list[Section]:
 
     def section(heading, formula, step):
         mark = None
-        if d is not None and d.quantity == step.label and d.layer == step.layer and (step.label != "delta" or d.sentence.startswith(step.field)):
+        if d is not None and d.step == step:
             mark = f"first divergence: in {d.engine}" if d.engine else "first divergence"
-        return Section(heading, formula, {r.engine: value(r, step) for r in runs}, mark)
+        shown = {r.engine: value(r, step) for r in runs}
+        if result.oracle is not None and engines.ORACLE not in shown:
+            shown[f"{engines.ORACLE} (oracle)"] = value(result.oracle, step)
+        return Section(heading, formula, shown, mark)
 
     out: list[Section] = []
     last = len(case.layers) - 1
@@ -54,7 +58,10 @@ def sections(result: CaseResult) -> list[Section]:
         out.append(section(f"layer {i} ({name}) forward: Z", FORMULA["Z"], Step("Z", i, "Z")))
         out.append(section(f"layer {i} ({name}) forward: A", FORMULA["A"].replace("f", layer.activation, 1), Step("A", i, "A")))
     reduction = f"{case.reduction}, scale {case.scale:g}"
-    out.append(section("loss", f"{case.loss} ({reduction}) of the last A against the targets", Step("loss", None, "loss")))
+    loss = section("loss", f"{case.loss} ({reduction}) of the last A against the targets", Step("loss", None, "loss"))
+    if case.expected is not None and case.expected.loss is not None:
+        loss.values["expected"] = np.array(case.expected.loss)
+    out.append(loss)
     for i in reversed(range(len(case.layers))):
         if i == last and on_logits:
             out.append(section(f"layer {i} backward: the error gradient at the output layer",
@@ -69,12 +76,22 @@ def sections(result: CaseResult) -> list[Section]:
         out.append(section(f"layer {i} backward: dW", FORMULA["dW"], Step("dW", i, "dW")))
         if case.layers[i].bias is not None:
             out.append(section(f"layer {i} backward: db", FORMULA["db"], Step("db", i, "db")))
+    golden = case.expected
     for name, initial in case.parameters().items():
         delta = section(f"{name}: delta", f"delta = -lr * dL/dp (lr {case.lr:g})", Step("delta", None, name))
         updated = Section(f"{name}: updated", "p - lr * dL/dp", {
             n: None if v is None else initial.astype(np.float64) + v for n, v in delta.values.items()})
+        if golden is not None and name in golden.updated:
+            updated.values["expected"] = golden.updated[name]
+        if golden is not None and name in golden.deltas:
+            delta.values["expected"] = golden.deltas[name]
         out += [updated, delta]
     return out
+
+
+def not_run(result: CaseResult) -> list[str]:
+    """Every engine asked for that did not run, with its reason."""
+    return [f"{name} did not run ({run.status}): {run.reason}" for name, run in result.runs.items() if run.status != "ran"]
 
 
 def _array_text(a: np.ndarray | None, precision: int) -> str:
@@ -91,9 +108,11 @@ def render_terminal(result: CaseResult, precision: int = 8):
 
     case = result.case
     parts = [f"[bold]{escape(case.name)}[/bold] ({escape(case.path)}, {case.dtype.name}, lr {case.lr:g}): {', '.join(result.ran)}"]
+    parts += [f"[yellow]{escape(line)}[/yellow]" for line in not_run(result)]
     if result.diagnosis is not None:
         parts.append(f"[red]diagnosis: {escape(result.diagnosis.sentence)}[/red]")
-    width = max((len(n) for n in result.ran), default=0)
+        parts += [f"[red]hint: {escape(h)}[/red]" for h in result.diagnosis.hints]
+    width = max((len(n) for s in sections(result) for n in s.values), default=0)
     for s in sections(result):
         title = f"\n[bold]{escape(s.heading)}[/bold]   [dim]{escape(s.formula)}[/dim]"
         if s.divergence:
@@ -112,8 +131,10 @@ def render_markdown(result: CaseResult, precision: int = 8) -> str:
              f"Engines: {', '.join(result.ran)}.", ""]
     if case.description:
         lines += [case.description, ""]
+    lines += [f"- {line}" for line in not_run(result)] + ([""] if not_run(result) else [])
     if result.diagnosis is not None:
-        lines += [f"**Diagnosis:** {result.diagnosis.sentence}", ""]
+        lines += [f"**Diagnosis:** {result.diagnosis.sentence}", ""] + [f"- hint: {h}" for h in result.diagnosis.hints]
+        lines += [""] if result.diagnosis.hints else []
     for s in sections(result):
         lines += [f"## {s.heading}" + (f" ⟵ **{s.divergence}**" if s.divergence else ""), "", f"`{s.formula}`", ""]
         for engine, v in s.values.items():

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import engines
 from .case import Case, display_path, load_case
 from .compare import Comparison, compare, missing
-from .diagnose import Diagnosis, diagnose, first_non_finite
+from .diagnose import Diagnosis, diagnose, diagnose_expected, first_non_finite
 from .engines import StepResult
 from .errors import CaseError, format_path
 
@@ -120,11 +121,31 @@ def run_engine(case: Case, name: str) -> EngineRun:
     try:
         result = engine.step(case)
     except Exception as err:  # an engine's failure is an outcome to report, not a crash
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        reason = f"{type(err).__name__}: {err} (at {Path(where.filename).name}:{where.lineno})"
+        reason = f"crashed {crash_site(err, engine)}: {type(err).__name__}: {err}"
         return EngineRun(name, "error", reason=reason, seconds=time.perf_counter() - start)
     return EngineRun(name, "ran", result=result, seconds=time.perf_counter() - start,
                      non_finite=first_non_finite(case, result))
+
+
+def crash_site(err: BaseException, engine: object) -> str:
+    """Where an engine crashed, as far as the traceback tells: the innermost frame in the engine's own
+    code (its class's module, or any module of this package), else the innermost frame."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return "before its first line"
+    own = {Path(inspect.getfile(cls)).resolve() for cls in type(engine).__mro__ if cls is not object and _has_file(cls)}
+    package = Path(__file__).resolve().parent
+    mine = [f for f in frames if Path(f.filename).resolve() in own or package in Path(f.filename).resolve().parents]
+    frame = (mine or frames)[-1]
+    return f"in {frame.name} ({Path(frame.filename).name}:{frame.lineno})"
+
+
+def _has_file(cls: type) -> bool:
+    try:
+        inspect.getfile(cls)
+    except TypeError:  # a built-in class
+        return False
+    return True
 
 
 def is_known(c: Comparison) -> bool:
@@ -208,14 +229,46 @@ def _judged(case: Case, c: Comparison, runs: dict[str, EngineRun], oracle: Engin
 
 def arbitrate(case: Case, result: "CaseResult") -> None:
     """On a disagreement that is not known, run the oracle (unless it ran): it excuses rounding,
-    and what is left is diagnosed."""
-    if not any(failed(c) for c in result.comparisons):
-        return
-    result.oracle = oracle_for(case, result.runs)
-    result.comparisons = settle(case, result.comparisons, result.runs, result.oracle)
+    and what is left is diagnosed. When the engines agree and golden values do not, the golden
+    values are diagnosed; when nothing else is, a crash is the finding."""
+    contenders = [result.runs[n] for n in result.ran if n != engines.ORACLE]
     if any(failed(c) for c in result.comparisons):
-        contenders = [result.runs[n] for n in result.ran if n != engines.ORACLE]
-        result.diagnosis = diagnose(case, contenders, result.oracle)
+        result.oracle = oracle_for(case, result.runs)
+        result.comparisons = settle(case, result.comparisons, result.runs, result.oracle)
+        if any(failed(c) for c in result.comparisons):
+            result.diagnosis = diagnose(case, contenders, result.oracle)
+    elif contenders and any(failed(c) for c in result.expected):
+        def oracle() -> EngineRun | None:
+            result.oracle = oracle_for(case, result.runs)
+            return result.oracle
+
+        result.diagnosis = golden_diagnosis(case, result.expected, contenders, oracle)
+    if result.diagnosis is None:
+        result.diagnosis = crash_finding(result)
+
+
+def golden_diagnosis(case: Case, expected: list[Comparison], contenders: list[EngineRun],
+                     oracle: Callable[[], EngineRun | None]) -> Diagnosis | None:
+    """Engines that agree against golden values: the golden values are diagnosed. One engine alone
+    is first held against the oracle (``oracle()`` runs it), which blames the engine if it is off."""
+    checked = None
+    if len(contenders) == 1:
+        checked = oracle()
+        found = diagnose(case, contenders, checked) if checked is not None else None
+        if found is not None:
+            return found
+    return diagnose_expected(case, expected, contenders[0].result, [r.engine for r in contenders], checked is not None)
+
+
+def crash_finding(result: "CaseResult") -> Diagnosis | None:
+    """An engine that crashed, as a finding: the engine, where it crashed, the exception's message."""
+    crashed = [run for run in result.runs.values() if run.status == "error"]
+    if not crashed:
+        return None
+    first = crashed[0]
+    others = [n for n in result.ran if n != engines.ORACLE]
+    sentence = f"{first.engine} {first.reason}" + (f"; {', '.join(others)} ran" if others else "")
+    return Diagnosis("crash", None, first.engine, others, None, sentence)
 
 
 def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:

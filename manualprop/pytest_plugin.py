@@ -56,7 +56,7 @@ def _needed(run: harness.EngineRun) -> None:
     if run.status == "skipped":
         pytest.skip(f"{run.engine}: {run.reason}")
     if run.status == "error":
-        raise CaseFailure(f"{run.engine} failed to run the case: {run.reason}")
+        raise CaseFailure(f"{run.engine} {run.reason}")
     if run.non_finite:
         raise CaseFailure(f"{run.engine} produced a non-finite value: {run.non_finite}")
 
@@ -121,18 +121,22 @@ class _CaseItem(pytest.Item):
                 f"{n} was declared to differ ({r}), but it agrees: the convention may have changed" for n, r in known.items()))
         if bad:
             header = f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {len(bad)} of {len(comparisons)} comparisons fail"
-            raise CaseFailure("\n".join([header, *(c.message for c in bad), *self.diagnosis(runs)]))
+            raise CaseFailure("\n".join([header, *(c.message for c in bad), *self.diagnosis(runs, comparisons)]))
 
-    def diagnosis(self, runs: list[harness.EngineRun]) -> list[str]:
-        """The first divergence and the oracle's verdict, for a pair of engines that disagree."""
-        if len(runs) < 2:
-            return []
-        found = diagnose(self.case, runs, harness.oracle_for(self.case, {}, _runs))
+    def diagnosis(self, runs: list[harness.EngineRun], comparisons: list[Comparison]) -> list[str]:
+        """The first divergence and the oracle's verdict for engines that disagree; for golden values
+        that fail, where they went wrong (or the engine, if the oracle finds it off)."""
+        oracle = lambda: harness.oracle_for(self.case, {}, _runs)  # noqa: E731
+        contenders = [r for r in runs if r.engine != engines.ORACLE]
+        if isinstance(self, ExpectedItem):
+            found = harness.golden_diagnosis(self.case, comparisons, contenders, oracle)
+        else:
+            found = diagnose(self.case, contenders, oracle())
         if found is None:
             return []
         lines = [f"diagnosis: {found.sentence}"]
         if found.oracle_distance:
-            lines.append("oracle (finite differences): " + ", ".join(
+            lines.append("oracle (central differences, 128-bit): " + ", ".join(
                 f"{n} {d:.3g}x its tolerance away" for n, d in sorted(found.oracle_distance.items(), key=lambda kv: kv[1])))
         return lines + [f"hint: {h}" for h in found.hints]
 

@@ -94,7 +94,7 @@ def test_the_report_and_the_terminal_carry_the_diagnosis(faulty, tmp_path, capsy
     assert cli.main(["run", str(path), "--engines", "numpy,wrong-derivative", "--json", str(report)]) == 1
     out = capsys.readouterr().out
     assert "diagnosis: layer 1 (tanh, line 14): forward agrees; dZ differs first in wrong-derivative: the activation derivative" in out
-    assert "oracle (finite differences in float64): numpy" in out
+    assert "oracle (central differences, 128-bit): numpy" in out
     import json
 
     diagnosis = json.loads(report.read_text())["cases"][0]["diagnosis"]

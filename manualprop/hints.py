@@ -1,0 +1,190 @@
+"""Hints: patterns in how a blamed engine differs, each with the slip it usually means.
+
+Every hint is tied to where the divergence starts (a :class:`~manualprop.diagnose.Step`): a
+loss-reduction factor only when the loss or its gradient is the first quantity to differ, an
+update factor only when every intermediate agrees, a slope at the activation. A constant factor
+is named only when it differs from 1 by far more than the tolerance (100 times rtol), with the
+parameters or the quantity it holds on; it is estimated from the elements whose value is large
+against the dtype's rounding, so that float32 rounding of small deltas does not hide it.
+Numbers that differ are printed with the digits that tell them apart.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .case import Case
+from .compare import compare
+from .diagnose import Step, value
+
+if TYPE_CHECKING:
+    from .harness import EngineRun
+
+
+def distinct(x: float, y: float) -> tuple[str, str]:
+    """``x`` and ``y`` printed so that they differ: 4 significant digits where that tells them apart,
+    else every digit (``0.10000000149011612``, not ``0.1``)."""
+    a, b = f"{x:.4g}", f"{y:.4g}"
+    return (a, b) if a != b else (repr(float(x)), repr(float(y)))
+
+
+def constant_ratio(a: np.ndarray, b: np.ndarray, noise: np.ndarray | float) -> float | None:
+    """a / b when it is one number wherever b stands well above ``noise`` (its rounding), else None."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return None
+    a, b, noise = a.ravel(), b.ravel(), np.broadcast_to(np.asarray(noise, dtype=np.float64), b.shape).ravel()
+    clear = np.abs(b) > 1e4 * noise
+    if not np.any(clear):
+        return None
+    ratios = a[clear] / b[clear]
+    middle = float(np.median(ratios))
+    return middle if np.all(np.abs(ratios - middle) <= 1e-3 * abs(middle)) else None
+
+
+def _noise(case: Case, step: Step, reference: np.ndarray) -> np.ndarray | float:
+    """The rounding a value of ``step`` carries in the case's dtype: eps (1 + |p|) for a delta."""
+    eps = float(np.finfo(case.dtype).eps)
+    if step.label == "delta":
+        return eps * (1.0 + np.abs(case.parameters()[step.field].astype(np.float64)))
+    return eps * float(np.max(np.abs(reference), initial=0.0))
+
+
+def _factors(case: Case, step: Step) -> list[tuple[float, str]]:
+    """The factors a slip at ``step`` usually produces, each with the slip."""
+    batch, outputs = case.inputs.shape[0], case.targets.shape[1]
+    if step.label == "delta":
+        return [(-1.0, "a sign flip: the update adds lr * g instead of subtracting it"),
+                (case.lr, f"the learning rate applied twice (lr = {case.lr:g}): p - lr * (lr * g)"),
+                (1.0 / case.lr, f"the learning rate left out (lr = {case.lr:g}): p - g"),
+                (2.0, "a factor 2 in the update"), (0.5, "a factor 1/2 in the update")]
+    if step.label not in ("loss", "loss gradient"):
+        return [(-1.0, "a sign flip")]
+    named = [(2.0, "a factor 2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"),
+             (0.5, "a factor 1/2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"), (-1.0, "a sign flip")]
+    if case.scale != 1:
+        named += [(case.scale, f"the scale {case.scale:g} applied twice"), (1.0 / case.scale, f"the scale {case.scale:g} left out")]
+    if batch > 1:
+        named += [(float(batch), f"a factor of the batch size N = {batch}: a sum where the mean belongs, or a dropped 1/N"),
+                  (1.0 / batch, f"a factor 1/N (N = {batch}, the batch size): a mean where the sum belongs")]
+    if outputs > 1:
+        named += [(float(outputs), f"a factor of the number of outputs ({outputs}): a mean over each sample's outputs where the mean over every element belongs"),
+                  (1.0 / outputs, f"a factor 1/{outputs} (the number of outputs): a mean over every element where a per-sample sum belongs")]
+    if batch > 1 and outputs > 1:
+        named.append((float(batch * outputs), f"a factor N x outputs = {batch * outputs}: a sum where the mean over every element belongs"))
+    return named
+
+
+def factor_hint(case: Case, step: Step, engine: str, c: float, holds_on: str) -> list[str]:
+    """A hint for a constant factor ``c``, when it is far from 1 against the tolerance."""
+    if abs(c - 1.0) <= 100 * case.rtol:
+        return []
+    if c == 0:
+        flow = ": a gradient that does not flow (a saturated unit, a clipped probability, a detached tensor)"
+        return [f"{engine}'s {holds_on} are zero where the others' are not" + (flow if step.label not in ("Z", "A", "loss") else "")]
+    digits = max(4, int(np.ceil(-np.log10(abs(c - 1.0)))) + 2) if abs(c - 1.0) < 1 else 4
+    shown = f"{c:.{digits}g}"
+    for factor, text in _factors(case, step):
+        if abs(c - factor) <= 1e-3 * abs(factor):
+            return [f"{engine}'s {holds_on} are {shown} times the others': {text}"]
+    return [f"{engine}'s {holds_on} are {shown} times the others': a constant factor"
+            + (" (a learning rate or a loss scale?)" if step.label in ("delta", "loss", "loss gradient") else "")]
+
+
+def _ratio_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    if step.label != "delta":
+        mine, theirs = value(culprit, step), value(reference, step)
+        if mine is None or theirs is None:
+            return []
+        c = constant_ratio(mine, theirs, _noise(case, step, theirs))
+        holds_on = "loss" if step.label == "loss" else f"{step.label} values at layer {step.layer}"
+        return [] if c is None else factor_hint(case, step, culprit.engine, c, holds_on if step.label != "loss" else "losses")
+    mine, theirs = culprit.result.deltas, reference.result.deltas
+    failing = [n for n, p in case.parameters().items() if n in mine and n in theirs
+               and not compare(n, "a", mine[n], "b", theirs[n], case.rtol, case.atol, reference=p).ok]
+    ratios = {n: constant_ratio(mine[n], theirs[n], _noise(case, Step("delta", None, n), theirs[n])) for n in failing}
+    if not failing or any(r is None for r in ratios.values()):
+        return []
+    first = ratios[failing[0]]
+    if not all(abs(r - first) <= 1e-3 * abs(first) for r in ratios.values()):
+        return []
+    return factor_hint(case, step, culprit.engine, first, "deltas of " + ", ".join(failing))
+
+
+def _layout_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    """A kernel used transposed (Z = A_prev @ W.T + b), or a delta reported transposed."""
+    if step.label == "Z":
+        layer = case.layers[step.layer]
+        a_prev = case.inputs if step.layer == 0 else value(reference, Step("A", step.layer - 1, "A"))
+        mine = value(culprit, step)
+        if a_prev is None or mine is None or layer.kernel.shape[0] != layer.kernel.shape[1]:
+            return []
+        transposed = a_prev.astype(np.float64) @ layer.kernel.T.astype(np.float64) + (0 if layer.bias is None else layer.bias)
+        if compare("Z", "a", mine, "b", transposed, case.rtol, case.atol).ok:
+            return [f"layer {step.layer}: {culprit.engine} computes Z with the kernel transposed: the weights loaded in the "
+                    "(out, in) layout where (in, out) belongs, or the reverse"]
+        return []
+    if step.label != "delta":
+        return []
+    a, b = np.asarray(culprit.result.deltas.get(step.field)), np.asarray(reference.result.deltas.get(step.field))
+    if a.ndim == 2 and a.T.shape == b.shape and np.allclose(a.T, b, rtol=case.rtol * 10, atol=case.atol * 10):
+        return [f"{step.field}: {culprit.engine}'s delta matches after transposing: a layout slip, (out, in) where (in, out) belongs"]
+    return []
+
+
+def _leaky_hint(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    if step.label != "A" or case.layers[step.layer].activation != "leaky_relu":
+        return []
+    z = value(reference, Step("Z", step.layer, "Z"))
+    a_mine, a_ref = value(culprit, step), value(reference, step)
+    if z is None or a_mine is None or a_ref is None or not np.any(z < 0):
+        return []
+    c = constant_ratio(a_mine[z < 0], a_ref[z < 0], _noise(case, step, a_ref))
+    if c is None:
+        return []
+    alpha = case.layers[step.layer].alpha
+    slope = alpha * c
+    known = [float(np.float32(alpha)), 0.01, 0.2, 0.3]  # float32 rounding, the frameworks' defaults
+    slope = next((k for k in known if abs(slope - k) <= 1e-12 * abs(k)), slope)
+    slope, given = distinct(slope, alpha)
+    return [f"layer {step.layer}: {culprit.engine}'s leaky_relu slope is {slope}, not the case's {given}"
+            " (PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3; TensorFlow rounds a float64 slope to float32)"]
+
+
+def _saturation_hint(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    """tanh or sigmoid outputs within float32 rounding of their limits: 1 - a^2 or a (1 - a) is then
+    mostly rounding, and TensorFlow's float32 tanh reaches exactly 1 from |z| >= 8."""
+    if step.label != "dZ" or case.layers[step.layer].activation not in ("tanh", "sigmoid") or case.dtype != np.float32:
+        return []
+    a = value(reference, Step("A", step.layer, "A"))
+    if a is None or not np.any(np.abs(a) > 1 - 1e-5):
+        return []
+    return [f"layer {step.layer}: some {case.layers[step.layer].activation} outputs are within 1e-5 of their limit, where the "
+            "float32 derivative is mostly rounding; TensorFlow's float32 tanh is exactly 1 from |z| >= 8 "
+            "(see cases/canaries/keras_float32_tanh_saturation.yaml)"]
+
+
+def _cross_entropy_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    if case.loss != "categorical_crossentropy" or step.label not in ("loss gradient", "dW", "db", "delta"):
+        return []
+    found = []
+    if not np.allclose(case.targets.sum(axis=1), 1.0):
+        found.append("the targets do not sum to 1 per sample: the gradient of -sum(t log softmax(z)) is p * sum(t) - t; "
+                     "TensorFlow's softmax cross-entropy uses p - t whatever the sum")
+    p = value(reference, Step("A", len(case.layers) - 1, "A"))
+    last = value(culprit, Step("loss gradient", len(case.layers) - 1, "dZ"))
+    clipped = None if p is None else (p <= 1e-7) | (p >= 1 - 1e-7)
+    if clipped is not None and last is not None and np.any(clipped) and np.all(last[np.any(clipped, axis=1)] == 0):
+        found.append("zero gradient exactly where a probability is within 1e-7 of 0 or 1: cross-entropy clipped at 1e-7 "
+                     "(Keras clips probabilities when it cannot reach the logits)")
+    return found
+
+
+RULES = [_ratio_hints, _layout_hints, _leaky_hint, _saturation_hint, _cross_entropy_hints]
+
+
+def hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    """Every hint that fits how ``culprit`` differs from ``reference`` where the divergence starts."""
+    return [h for rule in RULES for h in rule(case, step, culprit, reference)]
