@@ -178,6 +178,25 @@ def fuzz_figures(rows: list, quick: bool) -> None:
         rows.append((f"fuzz throughput, {', '.join(fast)}", f"{summary.rate:.1f} cases/s", f"{n} random cases"))
 
 
+def oracle_figures(rows: list, quick: bool) -> None:
+    """The oracle (128-bit central differences) on the bundled cases: its step, then its trace."""
+    from manualprop import engines, load_case
+    from manualprop.harness import bundled_cases
+
+    oracle = engines.get(engines.ORACLE)
+    names = ["seeds/cs4820_a7_tanh_softmax.yaml"] if quick else [
+        "seeds/cs4820_a7_tanh_softmax.yaml", "activations/relu_he_normal_batch32.yaml", "shapes/deep_five_layers_float32.yaml"]
+    for name in names:
+        case = load_case(bundled_cases() / name)
+        start = time.perf_counter()
+        result = oracle.step(case)
+        stepped = time.perf_counter() - start
+        result.trace  # noqa: B018 (the intermediates' differences, taken on first read)
+        traced = time.perf_counter() - start - stepped
+        size = sum(p.size for p in case.parameters().values())
+        rows.append((f"oracle on {name}", f"{stepped:.2f} s", f"{size} parameters; its trace (dZ, dA) {traced:.2f} s more"))
+
+
 def startup_figures(rows: list, quick: bool) -> None:
     command = [sys.executable, "-m", "manualprop.cli", "run", str(ONE_CASE), "--engines", "numpy", "-q"]
     seconds = statistics.median(run_command(command) for _ in range(3 if quick else 7))
@@ -192,7 +211,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, for CI")
     args = parser.parse_args()
     rows: list[tuple[str, str, str]] = []
-    for part in (startup_figures, suite_figures, engine_figures, mlp_figures, fuzz_figures):
+    for part in (startup_figures, suite_figures, engine_figures, mlp_figures, fuzz_figures, oracle_figures):
         part(rows, args.quick)
 
     from rich.console import Console
