@@ -55,6 +55,12 @@ class Comparison:
         return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
 
 
+def tolerated(rtol: float, atol: float, magnitude: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """What the rule allows element by element: atol (1 + |p|) + rtol |magnitude| (atol alone without p)."""
+    scale = 1.0 if reference is None else 1.0 + np.abs(np.asarray(reference, dtype=np.float64))
+    return atol * scale + rtol * np.abs(np.asarray(magnitude, dtype=np.float64))
+
+
 def compare(
     param: str,
     a_name: str,
@@ -82,8 +88,7 @@ def compare(
         )
     finite = np.isfinite(a) & np.isfinite(b)
     magnitude = np.maximum(np.abs(a), np.abs(b))
-    scale = 1.0 if reference is None else 1.0 + np.abs(np.asarray(reference, dtype=np.float64))
-    allowed = atol * scale + rtol * np.where(finite, magnitude, 0.0) + np.asarray(allowance, dtype=np.float64)
+    allowed = tolerated(rtol, atol, np.where(finite, magnitude, 0.0), reference) + np.asarray(allowance, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.where(finite, np.abs(a - b), np.inf)
         rel = np.where(diff == 0, 0.0, diff / magnitude)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .case import Case
-from .compare import compare
+from .compare import compare, tolerated
 from .engines import StepResult
 
 if TYPE_CHECKING:
@@ -123,13 +123,6 @@ def uncertainty(run: "EngineRun | StepResult", step: Step) -> np.ndarray | float
     return result.trace[step.layer].uncertainty.get(step.field, 0.0)
 
 
-def allowed(case: Case, step: Step, values: np.ndarray) -> np.ndarray:
-    """What the tolerance allows at each element of ``step`` around ``values``."""
-    initial = case.parameters().get(step.field) if step.label == "delta" else None
-    scale = 1.0 if initial is None else 1.0 + np.abs(np.asarray(initial, dtype=np.float64))
-    return case.atol * scale + case.rtol * np.abs(np.asarray(values, dtype=np.float64))
-
-
 def agree(case: Case, step: Step, a: np.ndarray, b: np.ndarray, allowance=0.0) -> bool:
     reference = case.parameters().get(step.field) if step.label == "delta" else None
     return compare(step.field, "a", a, "b", b, case.rtol, case.atol, reference=reference, allowance=allowance).ok
@@ -185,7 +178,7 @@ def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") ->
         off = [] if precise is None else [n for n in values if not agree(case, step, values[n], precise, uncertainty(oracle, step))]
         if all(together.values()) and not off:
             continue
-        if precise is not None and not off and _precise_enough(case, step, precise, uncertainty(oracle, step)):
+        if precise is not None and not off and precise_enough(case, step, precise, uncertainty(oracle, step)):
             unsettled = unsettled or step  # rounding, which the oracle can judge: look further
             continue
         verdict = _blame(values, together, off, precise is not None)
@@ -196,9 +189,10 @@ def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") ->
     return None
 
 
-def _precise_enough(case: Case, step: Step, precise: np.ndarray, error) -> bool:
+def precise_enough(case: Case, step: Step, precise: np.ndarray, error) -> bool:
     """The oracle can tell a fault from rounding where its uncertainty is under a tenth of the tolerance."""
-    return bool(np.all(np.asarray(error) <= 0.1 * allowed(case, step, precise)))
+    initial = case.parameters().get(step.field) if step.label == "delta" else None
+    return bool(np.all(np.asarray(error) <= 0.1 * tolerated(case.rtol, case.atol, precise, initial)))
 
 
 def _odd_one_out(names: list[str], together: dict) -> str | None:
@@ -272,13 +266,13 @@ def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: 
     if not wrong or case.expected is None:
         return None
     params, exp = case.parameters(), case.expected
-    names = sorted({c.param if c.param == "loss" else f"{c.param} ({c.extra.get('kind')})" for c in wrong})
+    failing = list(dict.fromkeys((c.param, c.extra.get("kind", "loss")) for c in wrong))  # (param, kind), once each
+    labels = {key: key[0] if key[1] == "loss" else f"{key[0]} ({key[1]})" for key in failing}
     who = ", ".join(agreeing) + (" and the oracle" if oracle_checked else "")
     sentence = (f"the golden values differ from what {who} computed, and {'they agree with each other' if len(agreeing) > 1 or oracle_checked else 'it is the only engine'}: "
-                f"{', '.join(names)}")
+                f"{', '.join(sorted(labels.values()))}")
     hints: list[str] = []
-    for key in names:
-        param, kind = (key, "loss") if key == "loss" else (key.split(" ")[0], key.split("(")[1].rstrip(")"))
+    for (param, kind), label in sorted(labels.items(), key=lambda kv: kv[1]):
         given = np.asarray(exp.loss if kind == "loss" else getattr(exp, kind)[param], dtype=np.float64)
         computed = np.array(result.loss) if kind == "loss" else result.deltas.get(param)
         if computed is None:
@@ -287,7 +281,7 @@ def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: 
         found = golden_hints(kind, param, given, np.asarray(computed, dtype=np.float64),
                              None if kind == "loss" else params[param].astype(np.float64), case.lr, exp.rtol, exp.atol,
                              batch=case.inputs.shape[0], outputs=case.targets.shape[1], scale=case.scale, layout=layout)
-        hints += [f"{key}: {h}" for h in found]
+        hints += [f"{label}: {h}" for h in found]
     first = wrong[0]
     layer = int(first.param.split(".")[1]) if first.param.startswith("layers.") else None
     kind = first.extra.get("kind")

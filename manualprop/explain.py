@@ -112,8 +112,9 @@ def render_terminal(result: CaseResult, precision: int = 8):
     if result.diagnosis is not None:
         parts.append(f"[red]diagnosis: {escape(result.diagnosis.sentence)}[/red]")
         parts += [f"[red]hint: {escape(h)}[/red]" for h in result.diagnosis.hints]
-    width = max((len(n) for s in sections(result) for n in s.values), default=0)
-    for s in sections(result):
+    shown = sections(result)
+    width = max((len(n) for s in shown for n in s.values), default=0)
+    for s in shown:
         title = f"\n[bold]{escape(s.heading)}[/bold]   [dim]{escape(s.formula)}[/dim]"
         if s.divergence:
             title += f"   [red]<- {escape(s.divergence)}[/red]"
@@ -131,7 +132,8 @@ def render_markdown(result: CaseResult, precision: int = 8) -> str:
              f"Engines: {', '.join(result.ran)}.", ""]
     if case.description:
         lines += [case.description, ""]
-    lines += [f"- {line}" for line in not_run(result)] + ([""] if not_run(result) else [])
+    missing = not_run(result)
+    lines += [f"- {line}" for line in missing] + ([""] if missing else [])
     if result.diagnosis is not None:
         lines += [f"**Diagnosis:** {result.diagnosis.sentence}", ""] + [f"- hint: {h}" for h in result.diagnosis.hints]
         lines += [""] if result.diagnosis.hints else []

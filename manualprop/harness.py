@@ -16,7 +16,7 @@ import numpy as np
 from . import engines
 from .case import Case, display_path, load_case
 from .compare import Comparison, compare, missing
-from .diagnose import Diagnosis, diagnose, diagnose_expected, first_non_finite
+from .diagnose import Diagnosis, Step, diagnose, diagnose_expected, first_non_finite, precise_enough
 from .engines import StepResult
 from .errors import CaseError, format_path
 
@@ -216,10 +216,9 @@ def _judged(case: Case, c: Comparison, runs: dict[str, EngineRun], oracle: Engin
         initial = case.parameters()[c.param]
         if precise is None or any(v is None or np.shape(v) != np.shape(precise) for v in values):
             return c
-    scale = 1.0 if initial is None else 1.0 + np.abs(np.asarray(initial, dtype=np.float64))
-    allowed = case.atol * scale + case.rtol * np.abs(np.asarray(precise, dtype=np.float64))
-    if not np.all(np.asarray(uncertainty) <= 0.1 * allowed):
-        return c  # the oracle cannot tell rounding from a fault here (float64 cases, usually)
+    step = Step("loss", None, "loss") if c.param == "loss" else Step("delta", None, c.param)
+    if not precise_enough(case, step, precise, uncertainty):
+        return c  # the oracle cannot tell rounding from a fault here
     ratios = [compare(c.param, name, v, oracle.engine, precise, case.rtol, case.atol, reference=initial, allowance=uncertainty)
               for name, v in zip((c.a, c.b), values)]
     if all(r.ok for r in ratios):

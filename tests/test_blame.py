@@ -14,6 +14,7 @@ import pytest
 from manualprop import activations, cli, engines, harness, parse_case
 from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
+from test_golden import CASE as CASE_FOR_GOLDEN_VALUES
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -300,16 +301,7 @@ def test_a_factor_n_is_found_in_float32_despite_the_rounding_of_small_deltas():
 
 # -- golden values that fail while the engines agree --------------------------------------------
 
-GOLDEN = """
-dtype: float64
-loss: mse
-lr: 0.1
-inputs: [[0.5, -1.0], [1.5, 0.25]]
-targets: [[1.0, 0.0], [0.0, 1.0]]
-layers:
-  - {units: 2, activation: tanh, kernel: [[0.3, -0.2], [0.1, 0.4]], bias: [0.0, 0.1]}
-  - {units: 2, activation: linear, kernel: [[0.5, 0.2], [-0.3, 0.6]]}
-"""
+GOLDEN = CASE_FOR_GOLDEN_VALUES
 
 
 def _golden_case(section: str, key: str, values) -> str:
