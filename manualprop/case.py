@@ -9,11 +9,11 @@ kernel and bias), so every engine receives the same numbers.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,6 +38,7 @@ class Layer:
     kernel: np.ndarray  # (in, out)
     bias: np.ndarray | None  # (out,), or None for a layer without bias
     line: int | None = None  # where the layer starts in the case file
+    layout: str = "kernel"  # how the case file gives the kernel: kernel (in, out) or weight (out, in)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ class Case:
             if layer.bias is not None:
                 params[f"layers.{i}.bias"] = layer.bias
         return params
+
+    def shown_as(self, param: str) -> str:
+        """The parameter's name in the case file's own layout: ``layers.0.weight`` for a kernel
+        given as ``weight`` (out, in), else the name itself."""
+        match = PARAM_NAME.match(param)
+        if match and match[2] == "kernel" and self.layers[int(match[1])].layout == "weight":
+            return f"layers.{match[1]}.weight"
+        return param
+
+    def in_file_layout(self, param: str, array: np.ndarray) -> np.ndarray:
+        """An (in, out) array of ``param`` as the case file lays it out (transposed for ``weight``)."""
+        return np.asarray(array).T if self.shown_as(param) != param else np.asarray(array)
 
     def line_of(self, path: tuple) -> int | None:
         """The line of ``path`` in the file, or of its nearest enclosing field."""
@@ -132,7 +145,10 @@ def case_from_data(data: dict, file: str, default_name: str = "case", known_engi
     try:
         spec = schema.CaseSpec.model_validate(data)
     except ValidationError as err:
-        problems = [_problem_from_pydantic(e, lines) for e in err.errors()]
+        errors = [{**e, "loc": tuple(part for part in e["loc"] if part not in schema.UNION_TAGS)} for e in err.errors()]
+        # a key suggested as a required field stands in for it: its message says so already
+        meant = {(*e["loc"][:-1], _suggested_key(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
+        problems = [_problem_from_pydantic(e, lines) for e in errors if not (e["type"] == "missing" and e["loc"] in meant)]
         raise CaseError(file, sorted(problems, key=lambda p: p.line or 0)) from None
     builder = _Builder(spec, lines, known_engines)
     case = builder.build(file, default_name)
@@ -152,14 +168,9 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
     loc = tuple(part for part in error["loc"] if part not in schema.UNION_TAGS)
     kind, found = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        key = loc[-1]
-        parent = loc[-2] if len(loc) > 1 else None
-        allowed = schema.KEYS_UNDER.get(int if isinstance(parent, int) else parent, schema.FIELD_NAMES)
-        aliases = {alias: name for alias, name in schema.KEY_ALIASES.items() if name in allowed}
-        close = difflib.get_close_matches(str(key), [*allowed, *aliases], n=1)
-        close = [aliases.get(c, c) for c in close]
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        message = f"unknown key {key!r}{hint}"
+        close = _suggested_key(loc)
+        hint = f"; did you mean {close!r}?" if close else ""
+        message = f"unknown key {loc[-1]!r}{hint}"
     elif kind == "missing":
         message = f"missing required field {loc[-1]!r}"
     elif kind == "union_tag_not_found":
@@ -171,6 +182,41 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
     else:
         message = f"{_lower_first(error['msg'])}, found {_show(found)}"
     return Problem(loc, message, _line_of(lines, loc))
+
+
+def _suggested_key(loc: tuple) -> str | None:
+    """The field an unknown key at ``loc`` was most likely meant as, among the keys allowed beside it."""
+    parent = loc[-2] if len(loc) > 1 else None
+    allowed = schema.KEYS_UNDER.get(int if isinstance(parent, int) else parent, schema.FIELD_NAMES)
+    return closest(str(loc[-1]), allowed, {alias: name for alias, name in schema.KEY_ALIASES.items() if name in allowed})
+
+
+def closest(word: str, names: Iterable[str], aliases: dict[str, str] | None = None) -> str | None:
+    """The name nearest to ``word`` by edit distance (an alias counts as its name), if near enough to be a slip.
+
+    Near enough: fewer edits than half the longer of the two. Ties go to the later name, so an
+    index past the last layer suggests the last layer.
+    """
+    word = word.lower()
+    candidates = [(name, name) for name in names] + list((aliases or {}).items())
+    scored = []
+    for order, (spelled, name) in enumerate(candidates):
+        distance = _edit_distance(word, spelled)
+        if 2 * distance < max(len(word), len(spelled)):
+            scored.append((distance, -order, name))
+    return min(scored)[2] if scored else None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Damerau-Levenshtein distance (optimal string alignment): insertions, deletions, substitutions
+    and swaps of two neighbours (``wieght`` -> ``weight``) each count one."""
+    d = [[i + j if i == 0 or j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
 
 
 def _lower_first(text: str) -> str:
@@ -191,7 +237,11 @@ class _Builder:
         self.known_engines = None if known_engines is None else tuple(known_engines)
         self.problems: list[Problem] = []
         self.dtype = np.dtype(spec.dtype)
-        self.rng = np.random.default_rng(spec.seed)
+
+    @cached_property
+    def rng(self) -> np.random.Generator:
+        """The case's generator, made at the first draw: a file of literal arrays never imports numpy.random."""
+        return np.random.default_rng(self.spec.seed)
 
     def problem(self, path: tuple, message: str) -> None:
         self.problems.append(Problem(path, message, _line_of(self.lines, path)))
@@ -271,9 +321,11 @@ class _Builder:
         spec = self.spec
         inputs = self.array(spec.inputs, ("inputs",), (None, None), "(batch, features)")
         batch = None if inputs is None else inputs.shape[0]
+        fan_in = None if inputs is None else inputs.shape[1]
+        if inputs is not None and self.check_inputs_width(inputs.shape, spec.layers[0]):
+            batch, fan_in = None, inputs.shape[0]  # blamed on inputs alone: the layer and targets are checked without them
         last_units = spec.layers[-1].units
         targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
-        fan_in = None if inputs is None else inputs.shape[1]
         layers = []
         for i, layer_spec in enumerate(spec.layers):
             layers.append(self.layer(i, layer_spec, fan_in, batch))
@@ -321,6 +373,31 @@ class _Builder:
             return None
         return Case(**{**case.__dict__, "expected": expected})
 
+    def check_inputs_width(self, found: tuple[int, ...], first: schema.LayerSpec) -> bool:
+        """Report ``inputs`` whose width is not what the first layer's kernel takes; True when they read
+        as transposed (a column where a row was meant: as many rows as the kernel takes inputs, and
+        targets that do not back that many samples), so they alone are blamed, not the kernel too."""
+        key = "weight" if first.weight is not None else "kernel"
+        declared = _written_shape(getattr(first, key))
+        if first.kernel is not None and first.weight is not None or declared is None:
+            return False
+        takes, units = declared[::-1] if key == "weight" else declared
+        if units != first.units or takes == found[1]:
+            return False  # widths agree, or a kernel at odds with its own units: reported on its line alone
+        generated = isinstance(self.spec.inputs, (schema.Uniform, schema.Normal, schema.OneHot))
+        path = ("inputs", "shape") if generated else ("inputs",)
+        line = _line_of(self.lines, ("layers", 0, key))
+        message = (f"expected shape (any, {takes}) = (batch, features), as layers[0].{key} {_show_shape(declared)}"
+                   f"{f' at line {line}' if line else ''} takes {_many(takes, 'input')}; found {found}")
+        targets = _written_shape(self.spec.targets)
+        transposed = found[0] == takes and (targets is None or targets[0] != found[0])
+        if transposed:
+            samples = found[1]
+            message += (f": transposed? each row is one sample, so {_many(samples, 'sample')} of {_many(takes, 'feature')} "
+                        f"{'are' if samples > 1 else 'is'} ({samples}, {takes})")
+        self.problem(path, message)
+        return transposed
+
     def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
         path = ("layers", i)
         activation = spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
@@ -355,7 +432,8 @@ class _Builder:
                 return None
         if kernel is None:
             return None
-        return Layer(spec.units, activation.name, float(alpha or 0.0), kernel, bias, self.lines.get(path))
+        return Layer(spec.units, activation.name, float(alpha or 0.0), kernel, bias, self.lines.get(path),
+                     "weight" if spec.weight is not None else "kernel")
 
     def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int) -> np.ndarray | None:
         if spec.weight is not None:
@@ -370,6 +448,8 @@ class _Builder:
     def expected(self, case: Case) -> Expected:
         exp = self.spec.expected
         params = case.parameters()
+        names = [f"layers.{i}.{kind}" for i, layer in enumerate(case.layers)
+                 for kind in ("kernel", "weight", *(("bias",) if layer.bias is not None else ()))]
         tables: dict[str, dict[str, np.ndarray]] = {"updated": {}, "deltas": {}}
         given_as: dict[tuple[str, str], str] = {}
         for section, values in (("updated", exp.updated), ("deltas", exp.deltas)):
@@ -377,9 +457,9 @@ class _Builder:
                 path = ("expected", section, name)
                 match = PARAM_NAME.match(name)
                 if not match or int(match[1]) >= len(case.layers):
-                    close = difflib.get_close_matches(name, list(params), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    self.problem(path, f"no parameter named {name!r}; this case has {', '.join(params)}{hint}")
+                    close = closest(name, names)
+                    hint = f"; did you mean {close!r}?" if close else ""
+                    self.problem(path, f"no parameter named {name!r}; valid names: {', '.join(names)}{hint}")
                     continue
                 index, kind = int(match[1]), match[2]
                 key = f"layers.{index}.{'bias' if kind == 'bias' else 'kernel'}"
@@ -421,6 +501,18 @@ def _is_number(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _written_shape(value: Any) -> tuple[int, ...] | None:
+    """The 2-dimensional shape an array (a kernel, targets) is written with, when it reads as one; else None."""
+    if isinstance(value, (schema.Uniform, schema.Normal, schema.OneHot)):
+        return tuple(value.shape) if value.shape is not None and len(value.shape) == 2 else None
+    rows = value if isinstance(value, list) and value and all(isinstance(row, list) for row in value) else []
+    return (len(rows), len(rows[0])) if rows and len({len(row) for row in rows}) == 1 else None
+
+
+def _many(count: int, thing: str) -> str:
+    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
 
 
 def _fits(found: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:

@@ -14,9 +14,9 @@ Looking an engine up never imports its framework: ``unavailable()`` checks for i
 from __future__ import annotations
 
 import importlib
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -131,12 +131,33 @@ def _load(target: str) -> Callable[[], Engine]:
     return getattr(importlib.import_module(module), attr)
 
 
+_discovered: dict[tuple[str, ...], dict[str, str]] = {}
+
+
+def _entry_points() -> dict[str, str]:
+    """The group's entry points, name -> 'module:attr', the first of each name kept.
+
+    Scanning reads every installed distribution's metadata (about 10 ms with TensorFlow and torch
+    installed), so it is done once per ``sys.path``: a path added later is scanned again.
+    """
+    key = tuple(sys.path)
+    if key not in _discovered:
+        from importlib.metadata import entry_points
+
+        found: dict[str, str] = {}
+        for ep in entry_points(group=GROUP):
+            found.setdefault(ep.name, ep.value)
+        _discovered.clear()
+        _discovered[key] = found
+    return _discovered[key]
+
+
 def _factories() -> dict[str, Callable[[], Engine] | str]:
     """Engine name -> factory (or 'module:attr' not yet imported), built-ins first."""
     found: dict[str, Callable[[], Engine] | str] = dict(BUILTIN)
-    for ep in entry_points(group=GROUP):
-        if ep.name not in found:
-            found[ep.name] = ep.value
+    for name, target in _entry_points().items():
+        if name not in found:
+            found[name] = target
     return found
 
 

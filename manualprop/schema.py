@@ -19,7 +19,9 @@ Shape = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_len
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # defer_build: a validator is built on first use, not at import; CaseSpec's holds every model,
+    # so a run builds one validator instead of nine (manualprop's start-up).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
 
 class Uniform(_Strict):
@@ -178,7 +180,8 @@ KEYS_UNDER: dict[object, list[str]] = {
 }
 
 # What users of other tools write for a field, too far from its name for a spelling match.
-KEY_ALIASES = {"learning_rate": "lr", "x": "inputs", "y": "targets", "labels": "targets", "use_bias": "bias"}
+KEY_ALIASES = {"learning_rate": "lr", "x": "inputs", "y": "targets", "labels": "targets", "outputs": "targets",
+               "use_bias": "bias", "b": "bias", "w": "weight", "out_features": "units", "kernel_initializer": "init"}
 
 
 def json_schema() -> dict:

@@ -326,17 +326,40 @@ def test_every_missing_field_is_listed():
     ("dtpye", "dtype"),
     ("tolerence", "tolerance"),
     ("engine", "engines"),
+    ("lerning_rate", "lr"),    # one edit from the alias learning_rate
+    ("LR", "lr"),
+    ("outputs", "targets"),    # an alias: by spelling alone it is nearer to 'inputs'
 ])
 def test_unknown_top_level_key_suggests_the_field(wrong, right):
     err = reject(GOOD + f"{wrong}: 1\n")
     only_problem(err, LINE["end"], wrong, f"unknown key '{wrong}'", f"did you mean '{right}'")
 
 
-def test_renamed_top_level_key_reports_the_missing_field_too():
-    err = reject(edit("lr: 0.1", "learning_rate: 0.1"))
-    assert len(err.problems) == 2
-    assert_problem(err, 1, "learning_rate", "unknown key", "did you mean 'lr'")
-    assert_problem(err, 1, "lr", "missing required field")
+@pytest.mark.parametrize("old, new, field, line, suggestion", [
+    ("lr: 0.1", "learning_rate: 0.1", "learning_rate", 1, "lr"),
+    ("lr: 0.1", "lerning_rate: 0.1", "lerning_rate", 1, "lr"),
+    ("targets: [[0.5]]", "outputs: [[0.5]]", "outputs", 4, "targets"),
+    ("  - units: 3", "  - unts: 3", "layers[0].unts", 6, "units"),
+    ("  - units: 2", "  - out_features: 2", "layers[1].out_features", 9, "units"),
+])
+def test_a_key_suggested_as_a_missing_field_is_not_also_reported_missing(old, new, field, line, suggestion):
+    # the unknown key's message says which field it stands for; "missing required field" would be noise
+    err = reject(edit(old, new))
+    only_problem(err, line, field, "unknown key", f"did you mean '{suggestion}'")
+
+
+def test_a_missing_field_is_still_reported_beside_an_unrelated_unknown_key():
+    err = reject(_without("lr") + "rate: 0.1\n")
+    assert len(err.problems) == 2, str(err)
+    assert_problem(err, 1, "lr", "missing required field 'lr'")
+    assert "did you mean" not in assert_problem(err, 14, "rate", "unknown key 'rate'")
+
+
+def test_a_key_suggested_as_a_field_that_is_given_leaves_other_missing_fields():
+    err = reject(_without("loss") + "lerning_rate: 0.2\n")
+    assert len(err.problems) == 2, str(err)
+    assert_problem(err, 1, "loss", "missing required field 'loss'")
+    assert_problem(err, 14, "lerning_rate", "did you mean 'lr'")
 
 
 def test_suggestions_come_from_the_same_mapping():
@@ -355,6 +378,8 @@ def test_suggestions_come_from_the_same_mapping():
     ("loss: mse", "loss: {name: mse, reduce: sum}", "loss.reduce", 2, "reduction"),
     ("inputs: [[1.0, 2.0]]", "inputs: {random: uniform, shape: [1, 2], hihg: 1}", "inputs.hihg", 3, "high"),
     ("    bias: [0.5]", "    bias: {random: normal, sdt: 1}", "layers[2].bias.sdt", 14, "std"),
+    ("    kernel: [[1], [2]]", "    wieght: [[1, 2]]", "layers[2].wieght", 13, "weight"),
+    ("    activation: relu", "    activaton: relu", "layers[1].activaton", 10, "activation"),
 ])
 def test_unknown_key_inside_a_field_suggests_its_neighbour(old, new, field, line, suggestion):
     err = reject(edit(old, new))
@@ -508,7 +533,9 @@ def test_kernel_mismatch_in_every_layer_is_reported():
     text = edit("[[1, 0], [0, 1], [1, 1]]", "[[1, 0]]", text)
     text = edit("    kernel: [[1], [2]]", "    kernel: [[1]]", text)
     err = reject(text)
-    assert len(err.problems) == 3
+    assert len(err.problems) == 4, str(err)
+    # one row, and a first kernel that takes one input: the targets' single row backs the inputs' batch
+    assert "transposed" not in assert_problem(err, 3, "inputs", "expected shape (any, 1)", "found (1, 2)")
     assert_problem(err, 8, "layers[0].kernel", "(2, 3)", "(1, 3)")
     assert_problem(err, 11, "layers[1].kernel", "(3, 2)", "(1, 2)")
     assert_problem(err, 13, "layers[2].kernel", "(2, 1)", "(1, 1)")
@@ -564,8 +591,54 @@ def test_inputs_not_two_dimensional(inputs, field, words):
 
 
 def test_inputs_features_against_first_kernel():
+    # either may be wrong: both lines are named, each with the other's shape or line
     err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: [[1.0, 2.0, 3.0]]"))
-    only_problem(err, 8, "layers[0].kernel", "expected shape (3, 3)", "found (2, 3)")
+    assert len(err.problems) == 2, str(err)
+    message = assert_problem(err, 3, "inputs", "expected shape (any, 2)", "layers[0].kernel (2, 3) at line 8", "found (1, 3)")
+    assert "transposed" not in message
+    assert_problem(err, 8, "layers[0].kernel", "expected shape (3, 3)", "found (2, 3)")
+
+
+@pytest.mark.parametrize("inputs, found, meant", [
+    ("[[1.0], [2.0]]", "(2, 1)", "1 sample of 2 features is (1, 2)"),                  # a column where a row was meant
+    ("[[1, 3, 5], [2, 4, 6]]", "(2, 3)", "3 samples of 2 features are (3, 2)"),
+])
+def test_transposed_inputs_are_blamed_on_inputs_alone(inputs, found, meant):
+    # not on the kernel's line nor on the targets' (whose batch comes from the inputs)
+    text = edit("targets: [[0.5]]", "targets: [[0.5], [0.5], [0.5]]") if found == "(2, 3)" else GOOD
+    err = reject(edit("inputs: [[1.0, 2.0]]", f"inputs: {inputs}", text))
+    only_problem(err, 3, "inputs", "expected shape (any, 2) = (batch, features)", "layers[0].kernel (2, 3) at line 8",
+                 "takes 2 inputs", f"found {found}", "transposed?", meant)
+
+
+def test_inputs_as_a_column_against_a_weight():
+    text = edit("    kernel: [[1, 0, 0], [0, 1, -1]]", "    weight: [[1, 0], [0, 1], [0, -1]]")
+    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: [[1.0], [2.0]]", text))
+    only_problem(err, 3, "inputs", "expected shape (any, 2)", "layers[0].weight (3, 2) at line 8", "found (2, 1)", "transposed?")
+
+
+def test_inputs_with_as_many_rows_as_the_targets_are_not_called_transposed():
+    # two samples of one feature, backed by two rows of targets: the kernel is as likely wrong
+    text = edit("targets: [[0.5]]", "targets: [[0.5], [1.5]]")
+    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: [[1.0], [2.0]]", text))
+    assert len(err.problems) == 2, str(err)
+    message = assert_problem(err, 3, "inputs", "expected shape (any, 2)", "layers[0].kernel (2, 3) at line 8", "takes 2 inputs",
+                             "found (2, 1)")
+    assert "transposed" not in message
+    assert_problem(err, 8, "layers[0].kernel", "expected shape (1, 3)", "found (2, 3)")
+
+
+def test_generated_inputs_transposed():
+    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: {random: normal, shape: [2, 5]}"))
+    only_problem(err, 3, "inputs.shape", "expected shape (any, 2)", "found (2, 5)", "5 samples of 2 features are (5, 2)")
+
+
+def test_transposed_inputs_leave_the_rest_of_the_first_layer_checked():
+    text = edit("    activation: tanh\n", "    activation: tanh\n    bias: [1, 2]\n")
+    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: [[1.0], [2.0]]", text))
+    assert len(err.problems) == 2, str(err)
+    assert_problem(err, 3, "inputs", "transposed?")
+    assert_problem(err, 8, "layers[0].bias", "expected shape (3,)", "found (2,)")
 
 
 def test_kernel_and_weight_both_given():
@@ -704,12 +777,41 @@ def test_normal_std_must_be_positive(std):
     ("layers.0.kernl", "did you mean 'layers.0.kernel'"),
     ("layer.0.kernel", "did you mean 'layers.0.kernel'"),
     ("layers[0].kernel", "did you mean 'layers.0.kernel'"),
+    ("layers.0.wieght", "did you mean 'layers.0.weight'"),   # difflib's closest was 'layers.0.bias'
+    ("layers.1.weigth", "did you mean 'layers.1.weight'"),
+    ("layers.9.weight", "did you mean 'layers.2.weight'"),
+    ("layers.2.bais", "did you mean 'layers.2.bias'"),
     ("loss", ""),
 ])
 def test_expected_names_a_parameter_that_does_not_exist(name, hint):
     err = reject(GOOD + f"expected:\n  updated:\n    {name}: [[1]]\n")
-    only_problem(err, 17, f"expected.updated.{name}", f"no parameter named '{name}'", "layers.0.kernel, layers.0.bias",
-                 "layers.2.bias", hint)
+    message = only_problem(err, 17, f"expected.updated.{name}", f"no parameter named '{name}'",
+                           "layers.0.kernel, layers.0.weight, layers.0.bias", "layers.2.kernel, layers.2.weight, layers.2.bias", hint)
+    assert message.count("did you mean") == (1 if hint else 0)
+
+
+def test_expected_names_list_no_bias_for_a_layer_without_one():
+    err = reject(edit("    bias: [0.5]", "    bias: false") + "expected:\n  deltas:\n    layers.2.wieght: [[1, 2]]\n")
+    message = only_problem(err, 17, "expected.deltas.layers.2.wieght", "layers.2.kernel, layers.2.weight;",
+                           "did you mean 'layers.2.weight'")
+    assert "layers.2.bias" not in message
+
+
+@pytest.mark.parametrize("word, names, closest_name", [
+    ("wieght", ["kernel", "weight", "bias"], "weight"),           # a swap of neighbours is one edit
+    ("layers.7.bias", ["layers.0.bias", "layers.1.bias"], "layers.1.bias"),   # a tie goes to the later name
+    ("reduce", ["name", "reduction", "scale"], "reduction"),
+    ("base", ["name", "loss", "lr"], None),                        # two edits in four letters: no slip
+    ("zzzz", [], None),
+])
+def test_closest_is_by_edit_distance(word, names, closest_name):
+    from manualprop.case import closest
+    assert closest(word, names) == closest_name
+
+
+def test_closest_counts_an_alias_as_its_name():
+    from manualprop.case import closest
+    assert closest("learning_rat", ["lr", "loss"], {"learning_rate": "lr"}) == "lr"
 
 
 def test_expected_with_the_wrong_shape():
