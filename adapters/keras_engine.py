@@ -38,7 +38,7 @@ import numpy as np
 from manualprop.case import Case
 from manualprop.engines import BuildCache, LayerTrace, StepResult
 
-INSTALL = "pip install tensorflow-cpu"
+INSTALL = 'pip install "manualprop[tf]"'
 
 
 def legacy_keras() -> bool:
@@ -52,13 +52,14 @@ class KerasEngine:
     def unavailable(self) -> str | None:
         if legacy_keras():
             if importlib.util.find_spec("tf_keras") is None:
-                return "TF_USE_LEGACY_KERAS=1 asks for Keras 2, but tf_keras is not installed (install it with: pip install tf-keras)"
+                return "TF_USE_LEGACY_KERAS=1 asks for Keras 2, but tf_keras is not installed (install it with: pip install \"manualprop[keras2]\")"
             return None
         if importlib.util.find_spec("keras") is None:
             return f"keras is not installed (install it with: {INSTALL})"
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
         if importlib.util.find_spec(backend) is None:
-            return f"keras's backend {backend} is not installed (install it with: {INSTALL})"
+            how = {"tensorflow": INSTALL, "torch": 'pip install "manualprop[torch]"'}.get(backend, f"pip install {backend}")
+            return f"keras's backend {backend} is not installed (install it with: {how})"
         return None
 
     def __init__(self, cache_size: int = 64):

@@ -22,7 +22,10 @@ import numpy as np
 from manualprop.case import Case
 from manualprop.engines import BuildCache, LayerTrace, StepResult
 
-INSTALL = "pip install torch"
+# The extra, and the CPU build first: a bare `pip install torch` on a machine without a GPU
+# downloads a CUDA build of several GB.
+INSTALL = ('pip install "manualprop[torch]"; without a GPU, first the CPU build: '
+           "pip install torch --index-url https://download.pytorch.org/whl/cpu")
 SMALL_STEP = 2**20  # multiply-adds of the forward pass under which a step uses one thread
 
 

@@ -1,7 +1,8 @@
 """The command line: ``manualprop run``, ``manualprop schema``.
 
 Exit status of ``run``: 0 every comparison holds; 1 some comparison failed (or an engine
-crashed); 2 a case file or the command line was invalid (this wins over 1).
+crashed); 2 a case file or the command line was invalid (this wins over 1); 5 nothing at all was
+compared (as pytest's "no tests ran"); 141 the output pipe closed (``manualprop run | head``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Sequence
 import numpy as np
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__, engines, harness, report
 from .compare import Comparison
 from .harness import CaseResult
 
-EXIT_OK, EXIT_MISMATCH, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_INVALID, EXIT_NOTHING_COMPARED = 0, 1, 2, 5  # 5: as pytest's "no tests ran"
+EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a program ended by SIGPIPE
 
 
 def _engine_list(text: str) -> list[str]:
@@ -49,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--label", metavar="NAME", help="name this run in the JSON report (a matrix cell, a machine)")
     run.add_argument("--show-deltas", action="store_true", help="print every parameter's delta from each engine side by side")
     run.add_argument("-q", "--quiet", action="store_true", help="print only failing cases and the summary")
+    run.add_argument("--watch", action="store_true", help=(
+        "after the run, re-run each case file when it is saved (engines kept warm); Ctrl-C ends it, exit status 0"))
 
     agg = sub.add_parser("report", help="aggregate JSON reports into a compatibility table", description=(
         "Aggregate JSON reports (one column each) into a table of cases x columns. With no output option, "
@@ -67,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to show (default: every installed one)")
     explain.add_argument("--markdown", action="store_true", help="print Markdown instead (to hand out)")
     explain.add_argument("--precision", type=int, default=8, metavar="N", help="decimals shown (default 8)")
+    explain.add_argument("--watch", action="store_true", help="show it again each time the case file is saved; Ctrl-C ends it")
 
     fz = sub.add_parser("fuzz", help="random cases through every engine; disagreements shrunk to case files", description=(
         "Run random cases (Hypothesis) through every installed engine. Each disagreement that is not a declared "
@@ -85,30 +89,51 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class Terminal(Console):
+    """rich's Console, but a closed pipe raises BrokenPipeError for main() to end quietly
+    (rich would exit with 1, which here means a mismatch)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "schema":
-        return _schema(args)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "explain":
-        return _explain(args)
-    if args.command == "fuzz":
-        return _fuzz(args)
-    return _run(args)
+    command = {"schema": _schema, "report": _report, "explain": _explain, "fuzz": _fuzz, "run": _run}[args.command]
+    try:
+        return command(args)
+    except BrokenPipeError:  # `manualprop run | head`: the reader has gone, so end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return EXIT_PIPE_CLOSED
+
+
+def missing_extra(module: str, extra: str, command: str) -> str | None:
+    """The one line to print when ``command`` needs ``module``, which the extra ``extra`` installs."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f'manualprop {command}: needs {module}, which is not installed: pip install "manualprop[{extra}]"'
 
 
 def _fuzz(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    err = Terminal(stderr=True, highlight=False, soft_wrap=True)
+    missing = missing_extra("hypothesis", "fuzz", "fuzz")
+    if missing:
+        err.print(f"[red]{escape(missing)}[/red]")
+        return EXIT_INVALID
     from .fuzz import fuzz
 
-    out = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Terminal(highlight=False, soft_wrap=True)
     if args.n < 1 or (args.architectures is not None and args.architectures < 1):
         err.print(f"[red]manualprop fuzz: --n and --architectures must be at least 1, got {args.n} and {args.architectures}[/red]")
         return EXIT_INVALID
     _print_unavailable(out, args.engines)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     progress = Progress(TextColumn("fuzzing"), BarColumn(), TextColumn("{task.completed}/{task.total} cases"),
                         TextColumn("{task.fields[rate]:.1f} cases/s"), TextColumn("{task.fields[found]} disagreements"),
                         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
@@ -134,13 +159,23 @@ def _fuzz(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        from .watch import watch_explain
+
+        return watch_explain(args, _explain)
     from . import explain
     from .case import load_case
     from .errors import CaseError
 
-    out = Console(highlight=False, soft_wrap=True)
+    out = Terminal(highlight=False, soft_wrap=True)
     try:
-        case = load_case(args.case, engines.names())
+        found = harness.find_cases([args.case])
+        if len(found) != 1:
+            raise FileNotFoundError(f"{args.case} holds {len(found)} case files; explain shows one case")
+        case = load_case(found[0], engines.names())
+    except FileNotFoundError as e:
+        Terminal(stderr=True, highlight=False, soft_wrap=True).print(f"[red]manualprop explain: {escape(str(e))}[/red]")
+        return EXIT_INVALID
     except CaseError as e:
         out.print("\n".join(f"[red]{escape(p.render(e.file))}[/red]" for p in e.problems))
         return EXIT_INVALID
@@ -150,13 +185,19 @@ def _explain(args: argparse.Namespace) -> int:
         sys.stdout.write(explain.render_markdown(result, args.precision))
     else:
         out.print(explain.render_terminal(result, args.precision))
-    return EXIT_OK if result.ok else EXIT_MISMATCH
+    if not result.ok:
+        return EXIT_MISMATCH
+    if not result.compared:
+        Terminal(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[yellow]not compared: {escape(result.why_not_compared())} (exit status {EXIT_NOTHING_COMPARED})[/yellow]")
+        return EXIT_NOTHING_COMPARED
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
     from . import compat
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = Terminal(stderr=True, highlight=False, soft_wrap=True)
     try:
         table = compat.aggregate((path, compat.load_report(path)) for path in args.reports)
         previous = None
@@ -174,12 +215,14 @@ def _report(args: argparse.Namespace) -> int:
     if previous is not None:
         compat.mark_changes(table, previous)
     markdown = compat.to_markdown(table)
-    outputs = {args.markdown: lambda: markdown, args.html: lambda: compat.to_html(table),
-               args.table_json: lambda: json.dumps(compat.to_json(table), indent=1) + "\n"}
-    for path, render in outputs.items():
+    outputs = {args.markdown: ("the Markdown table", lambda: markdown), args.html: ("the HTML page", lambda: compat.to_html(table)),
+               args.table_json: ("the table as JSON", lambda: json.dumps(compat.to_json(table), indent=1) + "\n")}
+    size = f"{len(table.cells)} case{'s' * (len(table.cells) != 1)} x {len(table.columns)} column{'s' * (len(table.columns) != 1)}"
+    for path, (what, render) in outputs.items():
         if path:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(render())
+            Terminal(highlight=False, soft_wrap=True).print(f"wrote {what} ({size}) to {escape(path)}")
     if not (args.markdown or args.html or args.table_json):
         sys.stdout.write(markdown)
     return EXIT_MISMATCH if table.failed else EXIT_OK
@@ -198,11 +241,15 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        from .watch import watch_run
+
+        return watch_run(args, _run)
     # soft_wrap: a message or a path is never broken across lines, so it can be searched for.
-    out = Console(highlight=False, soft_wrap=True)
+    out = Terminal(highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = Console(highlight=False, soft_wrap=True, width=120)  # logs and CI: room for three engine pairs
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+        out = Terminal(highlight=False, soft_wrap=True, width=120)  # logs and CI: room for three engine pairs
+    err = Terminal(stderr=True, highlight=False, soft_wrap=True)
     try:
         paths = harness.find_cases(args.paths or [harness.bundled_cases()])
     except FileNotFoundError as e:
@@ -214,8 +261,7 @@ def _run(args: argparse.Namespace) -> int:
 
     _print_unavailable(out, args.engines)
     results: list[CaseResult] = []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    progress = _progress_bar(err)
     with progress:
         task = progress.add_task("running cases", total=len(paths))
         for path, result in zip(paths, harness.run_paths(paths, args.engines)):
@@ -229,6 +275,33 @@ def _run(args: argparse.Namespace) -> int:
     return _summary(out, results, args.json)
 
 
+def _progress_bar(err: Console):
+    """The run's transient progress bar on a terminal; elsewhere one that shows nothing and costs
+    no import (rich.progress is a few ms of every start-up)."""
+    if not err.is_terminal:
+        return _NoProgress()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=True)
+
+
+class _NoProgress:
+    """rich's Progress(disable=True), without importing it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: object, **kwargs: object) -> int:
+        return 0
+
+    def advance(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def _print_unavailable(out: Console, requested: list[str] | None) -> None:
     for name in requested or engines.default_names():
         reason = engines.get(name).unavailable()
@@ -237,19 +310,28 @@ def _print_unavailable(out: Console, requested: list[str] | None) -> None:
 
 
 def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> int:
+    """The counts by verdict, and the exit status: 2 invalid, 1 failed, 5 nothing compared, else 0.
+    A case on which nothing was compared is counted on its own, never as passed."""
     verdicts = [r.verdict for r in results]
     invalid = verdicts.count("invalid")
     failed = verdicts.count("fail") + verdicts.count("non-finite")
-    known = verdicts.count("known")
-    passed = len(results) - invalid - failed - known
-    colour = "red" if invalid or failed else "green"
-    known_text = f", {known} known differences" if known else ""
-    out.print(f"[{colour}]{len(results)} cases: {passed} passed, {failed} failed, {invalid} invalid{known_text}[/{colour}]")
+    known, unseen = verdicts.count("known"), verdicts.count("not compared")
+    nothing = not any(r.compared for r in results)
+    colour = "red" if invalid or failed else "yellow" if nothing or unseen else "green"
+    counts = f"{verdicts.count('pass')} passed, {failed} failed, {invalid} invalid"
+    counts += (f", {known} known differences" if known else "") + (f", {unseen} not compared" if unseen else "")
+    out.print(f"[{colour}]{len(results)} cases: {counts}[/{colour}]")
     if json_path:
         out.print(f"JSON report written to {escape(json_path)}")
     if invalid:
         return EXIT_INVALID
-    return EXIT_MISMATCH if failed else EXIT_OK
+    if failed:
+        return EXIT_MISMATCH
+    if nothing:
+        out.print("[yellow]nothing was compared: no case ran in two engines or had golden values checked "
+                  f"(exit status {EXIT_NOTHING_COMPARED})[/yellow]")
+        return EXIT_NOTHING_COMPARED
+    return EXIT_OK
 
 
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "invalid": "bold red", "not compared": "bold yellow",
@@ -284,13 +366,15 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
     rows = [("loss", "()", "")]
     for param, initial in case.parameters().items():
         size = f"{np.abs(first.deltas[param]).max():.3g}" if first is not None and param in first.deltas and initial.size else ""
-        rows.append((param, str(initial.shape), size))
+        rows.append((param, str(case.in_file_layout(param, initial).shape), size))
     for param, shape, size in rows:
         cells = [by_key.get((param, a, b)) for a, b in pairs]
         worst = max((c.worst_ratio for c in cells if c is not None), default=0.0)
-        table.add_row(f"  {param}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
+        table.add_row(f"  {case.shown_as(param)}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
     losses = ", ".join(f"{n} {result.runs[n].result.loss:.9g}" for n in ran)
     parts: list[RenderableType] = [title, f"  loss: {losses}" if ran else "  [yellow]no engine ran[/yellow]"]
+    if not result.compared:
+        parts.append(f"  [yellow]not compared: {escape(result.why_not_compared())}[/yellow]")
     if ran:
         parts.append(table)
     for name, run in result.runs.items():
@@ -308,13 +392,15 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         checked = ", ".join(sorted({c.a for c in result.expected}))
         status = "[green]hold[/green]" if not bad else f"[red]{len(bad)} of {len(result.expected)} fail[/red]"
         parts.append(f"  golden values in {checked}: {status}")
-    for c in [*result.comparisons, *result.expected]:
+    for c in result.comparisons:
         if harness.failed(c):
             parts.append(f"[red]{escape(_indent(c.message))}[/red]")
         elif harness.is_rounding(c):
             near = ", ".join(f"{n} {r:.0%}" for n, r in c.extra["rounding"].items())
-            parts.append(f"  [yellow]{escape(c.param)}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
+            parts.append(f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
                          f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]")
+    for names, comparisons in harness.golden_groups(result):
+        parts.append(f"[red]{escape(_indent(harness.golden_block(names, comparisons)))}[/red]")
     if result.diagnosis is not None and result.diagnosis.quantity != "crash":  # a crash is printed above
         parts.extend(_diagnosis_lines(result))
     if show_deltas:
@@ -356,12 +442,14 @@ def _indent(text: str) -> str:
 def _delta_tables(result: CaseResult) -> list[Table]:
     tables = []
     ran = result.ran
-    for param in result.case.parameters():
-        table = Table(title=f"{param} delta", title_justify="left", show_edge=False)
+    case = result.case
+    for param in case.parameters():
+        table = Table(title=f"{case.shown_as(param)} delta", title_justify="left", show_edge=False)
         for name in ran:
             table.add_column(name)
-        table.add_row(*[np.array2string(result.runs[n].result.deltas[param], precision=8, max_line_width=60)
-                        if param in result.runs[n].result.deltas else "(none)" for n in ran])
+        deltas = [result.runs[n].result.deltas.get(param) for n in ran]
+        table.add_row(*["(none)" if d is None else np.array2string(case.in_file_layout(param, d), precision=8, max_line_width=60)
+                        for d in deltas])
         tables.append(table)
     return tables
 

@@ -71,11 +71,14 @@ def compare(
     atol: float,
     reference: np.ndarray | None = None,
     allowance: np.ndarray | float = 0.0,
+    shown_as: str | None = None,
 ) -> Comparison:
     """Compare ``a`` with ``b`` under the rule above; ``reference`` is ``p``, the value before the step.
 
     ``allowance`` widens the tolerance element by element by what an engine knows of its own
-    uncertainty (the finite-difference oracle's).
+    uncertainty (the finite-difference oracle's). ``shown_as`` is the name the case file gives
+    the parameter: ``layers.0.weight`` for a kernel written (out, in), whose message then gives
+    the worst element's index in that layout. The fields keep the (in, out) layout.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -110,7 +113,9 @@ def compare(
     )
     if result.ok:
         return result
-    return _with_message(result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None)
+    before = None if reference is None or np.ndim(reference) != a.ndim else float(np.asarray(reference)[worst])
+    return _with_message(result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None,
+                         shown_as=shown_as, before=before)
 
 
 def missing(param: str, a_name: str, b_name: str, rtol: float, atol: float, absent: str) -> Comparison:
@@ -120,11 +125,17 @@ def missing(param: str, a_name: str, b_name: str, rtol: float, atol: float, abse
                       ok=False, worst_ratio=inf, message=f"{param}: {absent} returned no delta for it")
 
 
-def _with_message(c: Comparison, allowed_at_worst: float, scaled: bool) -> Comparison:
-    """A mismatch described like torch.testing.assert_close, in the case's own terms."""
-    where = f" at index {c.worst_index}" if c.worst_index else ""
+def _with_message(c: Comparison, allowed_at_worst: float, scaled: bool, shown_as: str | None = None,
+                  before: float | None = None) -> Comparison:
+    """A mismatch described like torch.testing.assert_close, in the case's own terms: the name and
+    the layout the case file uses, and the parameter's value there before the step."""
+    name = shown_as or c.param
+    index = c.worst_index[::-1] if name != c.param else c.worst_index
+    where = f" at index {index}" if index else ""
+    if before is not None:
+        where += f" (before the step {before!r})"
     lines = [
-        f"{c.param}: {c.a} and {c.b} disagree",
+        f"{name}: {c.a} and {c.b} disagree" + (" (shown (out, in), as the case file gives it)" if name != c.param else ""),
         f"  mismatched elements: {c.mismatched} / {c.total} ({100 * c.mismatched / max(c.total, 1):.1f}%)",
         f"  worst element{where}: {c.a} = {c.worst_a!r}, {c.b} = {c.worst_b!r}",
         f"  greatest absolute difference: {c.max_abs_diff:.3g} (allowed there: {allowed_at_worst:.3g})",

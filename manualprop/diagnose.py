@@ -223,7 +223,7 @@ def _blame(values: dict, together: dict, off: list[str], have_oracle: bool) -> _
 def where(case: Case, step: Step) -> str:
     """The place a quantity belongs to, in the case's terms: a parameter, the loss, or a layer and its line."""
     if step.label == "delta":
-        return step.field
+        return case.shown_as(step.field)
     if step.culprit_layer is None:
         return "the loss"
     i = step.culprit_layer
@@ -267,7 +267,7 @@ def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: 
         return None
     params, exp = case.parameters(), case.expected
     failing = list(dict.fromkeys((c.param, c.extra.get("kind", "loss")) for c in wrong))  # (param, kind), once each
-    labels = {key: key[0] if key[1] == "loss" else f"{key[0]} ({key[1]})" for key in failing}
+    labels = {key: key[0] if key[1] == "loss" else f"{exp.given_as.get(key[::-1], key[0])} ({key[1]})" for key in failing}
     who = ", ".join(agreeing) + (" and the oracle" if oracle_checked else "")
     sentence = (f"the golden values differ from what {who} computed, and {'they agree with each other' if len(agreeing) > 1 or oracle_checked else 'it is the only engine'}: "
                 f"{', '.join(sorted(labels.values()))}")

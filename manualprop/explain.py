@@ -20,7 +20,7 @@ FORMULA = {
     "Z": "Z = A_prev @ W + b",
     "A": "A = f(Z)",
     "dA": "dA = dL/dA: from the layer above, dA = dZ_next @ W_next.T",
-    "dZ": "dZ = dL/dZ = dA * f'(Z): the aggregated error gradient",
+    "dZ": "dZ = dL/dZ = dA * f'(Z)",
     "dW": "dW = A_prev.T @ dZ",
     "db": "db = dZ summed over the batch",
 }
@@ -73,7 +73,11 @@ def sections(result: CaseResult) -> list[Section]:
             out.append(section(f"layer {i} backward: dA", formula, Step(label, i, "dA")))
             heading = "the error gradient at the output layer" if i == last else "the aggregated error gradient"
             out.append(section(f"layer {i} backward: dZ, {heading}", FORMULA["dZ"], Step("dZ", i, "dZ")))
-        out.append(section(f"layer {i} backward: dW", FORMULA["dW"], Step("dW", i, "dW")))
+        dW = section(f"layer {i} backward: dW", FORMULA["dW"], Step("dW", i, "dW"))
+        if case.layers[i].layout == "weight":  # the case file's own layout, as nn.Linear.weight.grad
+            dW = Section(f"layer {i} backward: dW, (out, in) as the case gives weight", "dW = dZ.T @ A_prev",
+                         {n: None if v is None else v.T for n, v in dW.values.items()}, dW.divergence)
+        out.append(dW)
         if case.layers[i].bias is not None:
             out.append(section(f"layer {i} backward: db", FORMULA["db"], Step("db", i, "db")))
     golden = case.expected
@@ -85,8 +89,17 @@ def sections(result: CaseResult) -> list[Section]:
             updated.values["expected"] = golden.updated[name]
         if golden is not None and name in golden.deltas:
             delta.values["expected"] = golden.deltas[name]
-        out += [updated, delta]
+        out += [_in_file_layout(case, name, updated), _in_file_layout(case, name, delta)]
     return out
+
+
+def _in_file_layout(case: Case, param: str, s: Section) -> Section:
+    """A parameter's section named and laid out as the case file gives it (weight: (out, in))."""
+    shown = case.shown_as(param)
+    if shown == param:
+        return s
+    values = {n: None if v is None else case.in_file_layout(param, v) for n, v in s.values.items()}
+    return Section(s.heading.replace(param, f"{shown} (out, in)", 1), s.formula, values, s.divergence)
 
 
 def not_run(result: CaseResult) -> list[str]:

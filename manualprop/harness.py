@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import engines
-from .case import Case, display_path, load_case
+from .case import Case, closest, display_path, load_case
 from .compare import Comparison, compare, missing
 from .diagnose import Diagnosis, Step, diagnose, diagnose_expected, first_non_finite, precise_enough
 from .engines import StepResult
@@ -69,7 +70,20 @@ class CaseResult:
             return "fail"
         if any(is_known(c) for c in [*self.comparisons, *self.expected]):
             return "known"
-        return "pass" if len(self.ran) >= 2 or self.expected else "not compared"
+        return "pass" if self.compared else "not compared"
+
+    @property
+    def compared(self) -> bool:
+        """Whether anything was compared: two engines ran, or golden values were checked."""
+        return self.error is None and (len(self.ran) >= 2 or bool(self.expected))
+
+    def why_not_compared(self) -> str:
+        """Why nothing was compared, in a sentence (for a case that loaded)."""
+        ran = self.ran
+        golden = "the case has no golden values" if self.case.expected is None else "its golden values need an engine that runs"
+        if not ran:
+            return f"no engine ran, and {golden}" if self.case.expected is not None else "no engine ran"
+        return f"only {ran[0]} ran and {golden}: nothing to compare it with"
 
     @property
     def worst(self) -> Comparison | None:
@@ -91,7 +105,8 @@ def bundled_cases() -> Path:
 
 
 def find_cases(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Case files named directly, and every *.yaml / *.yml below the folders named."""
+    """Case files named directly, every *.yaml / *.yml below the folders named, and bundled
+    cases named by their name (``seed004-batch-linear-linear``) or their file's stem."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -100,8 +115,29 @@ def find_cases(paths: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.exists():
             found.append(path)
         else:
-            raise FileNotFoundError(f"no such file or folder: {raw}")
+            found.append(bundled_case(str(raw)))
     return found
+
+
+_NAME_LINE = re.compile(r"""^name:[ \t]*["']?([^"'#\n]*?)["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
+
+
+def bundled_case(name: str) -> Path:
+    """The bundled case file called ``name`` (its ``name:`` or its file's stem); FileNotFoundError
+    naming the closest ones when there is none."""
+    by_name: dict[str, Path] = {}
+    for path in sorted(bundled_cases().rglob("*")):
+        if path.suffix in CASE_SUFFIXES:
+            declared = _NAME_LINE.search(path.read_text(encoding="utf-8"))
+            for key in (path.stem, declared[1] if declared else None):
+                if key:
+                    by_name.setdefault(key, path)
+    if name in by_name:
+        return by_name[name]
+    names = {path: key for key, path in by_name.items()}  # one name a file: its name: where it has one
+    close = [key for key in names.values() if name.lower() in key.lower()][:3] or [closest(name, names.values())]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close != [None] else f" (the bundled cases are in {bundled_cases()})"
+    raise FileNotFoundError(f"no such file or folder, and no bundled case named {name!r}{hint}")
 
 
 def select_engines(case: Case, requested: Iterable[str] | None = None) -> list[str]:
@@ -279,12 +315,13 @@ def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
             results.append(missing(param, a.engine, b.engine, case.rtol, case.atol, a.engine if da is None else b.engine))
             continue
         allowance = sum(np.asarray(run.result.uncertainty.get(param, 0.0)) for run in (a, b))
-        results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial, allowance=allowance))
-    return [_located(case, c, _field_of(c.param)) for c in results]
+        results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial, allowance=allowance,
+                               shown_as=case.shown_as(param)))
+    return [_located(case, c, _field_of(case.shown_as(c.param))) for c in results]
 
 
 def _field_of(param: str) -> tuple:
-    """'layers.1.kernel' -> ("layers", 1, "kernel"): where the case file defines the parameter."""
+    """'layers.1.weight' -> ("layers", 1, "weight"): where the case file defines the parameter."""
     parts = param.split(".")
     return ("layers", int(parts[1]), parts[2]) if len(parts) == 3 else ()
 
@@ -313,13 +350,43 @@ def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
                 results.append(missing(param, run.engine, "expected", exp.rtol, exp.atol, run.engine))
                 continue
             got = params[param].astype(np.float64) + delta if kind == "updated" else delta
-            c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol,
-                        allowance=run.result.uncertainty.get(param, 0.0))
             given = exp.given_as.get((kind, param), param)
-            label = f"{param} ({kind}" + (f", given as {given} in the (out, in) layout" if given != param else "") + ")"
-            c = replace(c, extra={"kind": kind}, message=c.message.replace(f"{param}:", f"{label}:", 1))
+            c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol,
+                        allowance=run.result.uncertainty.get(param, 0.0), shown_as=given)
+            c = replace(c, extra={"kind": kind}, message=c.message.replace(f"{given}:", f"{given} ({kind}):", 1))
             results.append(_located(case, c, ("expected", kind, given)))
     return results
+
+
+def golden_groups(result: CaseResult) -> list[tuple[list[str], list[Comparison]]]:
+    """The golden values that fail, by engine, with engines that agree with each other (no failed
+    comparison between them) and miss the same golden values in one group: one block to print
+    instead of one per engine. Each group carries its first engine's comparisons."""
+    failing: dict[str, list[Comparison]] = {}
+    for c in result.expected:
+        if failed(c):
+            failing.setdefault(c.a, []).append(c)
+    apart = {frozenset((c.a, c.b)) for c in result.comparisons if failed(c)}
+    groups: list[tuple[list[str], list[Comparison]]] = []
+    for name, comparisons in failing.items():
+        keys = [(c.param, c.extra.get("kind")) for c in comparisons]
+        for names, first in groups:
+            if keys == [(c.param, c.extra.get("kind")) for c in first] and not any(frozenset((n, name)) in apart for n in names):
+                names.append(name)
+                break
+        else:
+            groups.append(([name], comparisons))
+    return groups
+
+
+def golden_block(names: list[str], comparisons: list[Comparison]) -> str:
+    """One group's failures, its engines named together (the values shown are the first's)."""
+    together = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    lines = [] if len(names) == 1 else [f"{together} agree with each other, and the golden values differ from all of them "
+                                        f"(values shown: {names[0]}'s)"]
+    for c in comparisons:
+        lines.append(c.message.replace(f" {c.a} and expected disagree", f" {', '.join(names)} and expected disagree", 1))
+    return "\n".join(lines)
 
 
 def run_case(case: Case, requested: Iterable[str] | None = None) -> CaseResult:

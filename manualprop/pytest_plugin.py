@@ -1,15 +1,22 @@
 """Case files as pytest items (pytest's "non-python tests" pattern).
 
-The repository's conftest.py loads this plugin, so ``pytest`` collects every ``*.yaml`` /
-``*.yml`` below a folder named ``cases``: one item per pair of engines, named like
-``cs4820-a7-tanh-softmax[numpy-vs-torch]``, and one per engine for golden values
-(``[keras-vs-expected]``). A failure is reported in the case's terms (parameter, worst
-element, both values, tolerance), a missing framework is a skip with its reason, and a case
-file that does not load is one failing item that lists its problems.
+Installed, manualprop registers this plugin through pytest's ``pytest11`` entry point (as
+pytest-xdist does), so ``pytest`` in any repository collects the files that are clearly cases:
+by default those named ``*.case.yaml`` / ``*.case.yml``, or whatever the ini option
+``manualprop_files`` lists (this repository: every YAML file below ``cases/``). Each case gives
+one item per pair of engines, named like ``cs4820-a7-tanh-softmax[numpy-vs-torch]``, and one
+item for its golden values (``[expected]``). A failure is reported in the case's terms
+(parameter, worst element, both values, tolerance), a missing framework is a skip with its
+reason, a case on which nothing can be compared is a skip that says why, and a case file that
+does not load is one failing item that lists its problems.
+
+The case runs once (every engine, the arbitration and the diagnosis of :mod:`manualprop.harness`,
+as ``manualprop run`` does) and its items report their part of that one result.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from itertools import combinations
 from pathlib import Path
@@ -19,61 +26,59 @@ import pytest
 from . import engines, harness
 from .case import Case, load_case
 from .compare import Comparison
-from .diagnose import diagnose
 from .errors import CaseError
 
-# Engine runs are shared by the items of a case within one process (one pytest-xdist worker).
-_runs: dict[tuple[str, str], harness.EngineRun] = {}
-
-
-_deltas_dir: Path | None = None  # --manualprop-deltas: where each engine's deltas are written
+DEFAULT_FILES = "*.case.yaml *.case.yml"
+_RESULTS = pytest.StashKey[dict]()  # case path -> CaseResult, per process (per pytest-xdist worker)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("manualprop_files", type="args", default=DEFAULT_FILES.split(), help=(
+        "case files to collect: glob patterns matched against the file name, or, when a pattern has a '/', "
+        f"against the path from the rootdir ('*' crosses folders). Default: {DEFAULT_FILES}"))
     parser.addoption("--manualprop-deltas", metavar="DIR", default=None,
                      help="write each engine's deltas per case to DIR/<case>/<engine>.json (to check determinism)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _deltas_dir
-    option = config.getoption("--manualprop-deltas", default=None)
-    _deltas_dir = Path(option) if option else None
+    config.stash[_RESULTS] = {}
 
 
-def _run(case: Case, name: str) -> harness.EngineRun:
-    key = (case.path, name)
-    if key not in _runs:
-        _runs[key] = run = harness.run_engine(case, name)
-        if _deltas_dir is not None and run.status == "ran":
-            folder = _deltas_dir / case.name
-            folder.mkdir(parents=True, exist_ok=True)
-            deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.result.deltas.items())}
-            (folder / f"{name}.json").write_text(json.dumps(deltas), encoding="utf-8")
-    return _runs[key]
-
-
-def _needed(run: harness.EngineRun) -> None:
-    if run.status == "skipped":
-        pytest.skip(f"{run.engine}: {run.reason}")
-    if run.status == "error":
-        raise CaseFailure(f"{run.engine} {run.reason}")
-    if run.non_finite:
-        raise CaseFailure(f"{run.engine} produced a non-finite value: {run.non_finite}")
-
-
-def is_case_file(file_path: Path, rootpath: Path) -> bool:
-    """A *.yaml / *.yml file below a folder named ``cases`` inside the rootdir."""
+def is_case_file(file_path: Path, rootpath: Path, patterns: list[str]) -> bool:
+    """A YAML file that a pattern of ``manualprop_files`` names."""
+    if file_path.suffix not in harness.CASE_SUFFIXES:
+        return False
     try:
-        folders = file_path.relative_to(rootpath).parts[:-1]
+        relative = file_path.relative_to(rootpath).as_posix()
     except ValueError:
-        folders = file_path.parts[:-1]
-    return file_path.suffix in harness.CASE_SUFFIXES and "cases" in folders
+        relative = file_path.as_posix()
+    return any(fnmatch.fnmatch(relative if "/" in p else file_path.name, p) for p in patterns)
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path):
-    if is_case_file(file_path, parent.config.rootpath):
+    config = parent.config
+    if is_case_file(file_path, config.rootpath, config.getini("manualprop_files")):
         return CaseFile.from_parent(parent, path=file_path)
     return None
+
+
+def case_result(config: pytest.Config, case: Case) -> harness.CaseResult:
+    """The case run once in this process, shared by its items."""
+    results = config.stash[_RESULTS]
+    if case.path not in results:
+        results[case.path] = result = harness.run_case(case)
+        option = config.getoption("--manualprop-deltas", default=None)
+        if option:
+            _write_deltas(Path(option) / case.name, result)
+    return results[case.path]
+
+
+def _write_deltas(folder: Path, result: harness.CaseResult) -> None:
+    for name, run in result.runs.items():
+        if run.status == "ran" and name != engines.ORACLE:
+            folder.mkdir(parents=True, exist_ok=True)
+            deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.result.deltas.items())}
+            (folder / f"{name}.json").write_text(json.dumps(deltas), encoding="utf-8")
 
 
 class CaseFailure(Exception):
@@ -91,8 +96,9 @@ class CaseFile(pytest.File):
         for a, b in combinations(selected, 2):
             yield PairItem.from_parent(self, name=f"{case.name}[{a}-vs-{b}]", case=case, engines=(a, b))
         if case.expected is not None:
-            for name in selected:
-                yield ExpectedItem.from_parent(self, name=f"{case.name}[{name}-vs-expected]", case=case, engines=(name,))
+            yield ExpectedItem.from_parent(self, name=f"{case.name}[expected]", case=case, engines=tuple(selected))
+        elif len(selected) < 2:
+            yield NotComparedItem.from_parent(self, name=f"{case.name}[not-compared]", case=case, engines=tuple(selected))
 
 
 class _CaseItem(pytest.Item):
@@ -110,29 +116,29 @@ class _CaseItem(pytest.Item):
         line = (self.case.lines.get(()) or 1) - 1 if self.case else 0
         return self.path, line, self.name
 
-    def fail_on(self, comparisons: list[Comparison], runs: list[harness.EngineRun]) -> None:
-        """Fail in the case's terms; a declared known difference is an xfail, strict like pytest's."""
-        known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
-        bad = [c for c in comparisons if not c.ok and not harness.is_rounding(c)]
-        if known:
-            if bad:
-                pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
-            raise CaseFailure(f"case {self.case.name}: " + "\n".join(
-                f"{n} was declared to differ ({r}), but it agrees: the convention may have changed" for n, r in known.items()))
-        if bad:
-            header = f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {len(bad)} of {len(comparisons)} comparisons fail"
-            raise CaseFailure("\n".join([header, *(c.message for c in bad), *self.diagnosis(runs, comparisons)]))
+    def result(self) -> harness.CaseResult:
+        return case_result(self.config, self.case)
 
-    def diagnosis(self, runs: list[harness.EngineRun], comparisons: list[Comparison]) -> list[str]:
-        """The first divergence and the oracle's verdict for engines that disagree; for golden values
-        that fail, where they went wrong (or the engine, if the oracle finds it off)."""
-        oracle = lambda: harness.oracle_for(self.case, {}, _runs)  # noqa: E731
-        contenders = [r for r in runs if r.engine != engines.ORACLE]
-        if isinstance(self, ExpectedItem):
-            found = harness.golden_diagnosis(self.case, comparisons, contenders, oracle)
-        else:
-            found = diagnose(self.case, contenders, oracle())
-        if found is None:
+    def header(self, what: str) -> str:
+        return f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {what}"
+
+    def known(self, comparisons: list[Comparison]) -> None:
+        """A declared known difference is an xfail when it shows, and a failure when it vanished
+        (strict, like pytest's xfail)."""
+        known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
+        if not known:
+            return
+        if any(harness.is_known(c) for c in comparisons):
+            if not any(harness.failed(c) for c in comparisons):
+                pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
+        elif isinstance(self, PairItem):
+            raise CaseFailure(self.header("\n".join(
+                f"{n} was declared to differ ({r}), but it agrees: the convention may have changed" for n, r in known.items())))
+
+    def diagnosis(self, result: harness.CaseResult) -> list[str]:
+        """The case's diagnosis: the first divergence and who is blamed, or where golden values went wrong."""
+        found = result.diagnosis
+        if found is None or found.quantity == "crash":
             return []
         lines = [f"diagnosis: {found.sentence}"]
         if found.oracle_distance:
@@ -141,23 +147,50 @@ class _CaseItem(pytest.Item):
         return lines + [f"hint: {h}" for h in found.hints]
 
 
+def _needed(run: harness.EngineRun) -> None:
+    if run.status == "skipped":
+        pytest.skip(f"{run.engine}: {run.reason}")
+    if run.status == "error":
+        raise CaseFailure(f"{run.engine} {run.reason}")
+    if run.non_finite:
+        raise CaseFailure(f"{run.engine} produced a non-finite value: {run.non_finite}")
+
+
 class PairItem(_CaseItem):
     def runtest(self):
-        a, b = (_run(self.case, name) for name in self.engines)
-        _needed(a)
-        _needed(b)
-        comparisons = harness.compare_pair(self.case, a, b)
-        if any(harness.failed(c) for c in comparisons):  # the oracle may show it is rounding
-            oracle = harness.oracle_for(self.case, {a.engine: a, b.engine: b}, _runs)
-            comparisons = harness.settle(self.case, comparisons, {a.engine: a, b.engine: b}, oracle)
-        self.fail_on(comparisons, [a, b])
+        result = self.result()
+        for name in self.engines:
+            _needed(result.runs[name])
+        comparisons = [c for c in result.comparisons if {c.a, c.b} == set(self.engines)]
+        self.known(comparisons)
+        bad = [c for c in comparisons if harness.failed(c)]
+        if bad:
+            what = f"{len(bad)} of {len(comparisons)} comparisons fail"
+            raise CaseFailure("\n".join([self.header(what), *(c.message for c in bad), *self.diagnosis(result)]))
 
 
 class ExpectedItem(_CaseItem):
+    """The golden values against every engine that ran: engines that agree with each other and
+    miss the same golden values are reported together, in one block."""
+
     def runtest(self):
-        run = _run(self.case, self.engines[0])
-        _needed(run)
-        self.fail_on(harness.check_expected(self.case, run), [run])
+        result = self.result()
+        runs = [result.runs[n] for n in self.engines]
+        if not any(run.status == "ran" for run in runs):
+            pytest.skip("no engine ran to check the golden values against: " + "; ".join(f"{r.engine}: {r.reason}" for r in runs))
+        self.known(result.expected)
+        groups = harness.golden_groups(result)
+        if groups:
+            bad = sum(len(comparisons) for _, comparisons in groups)
+            lines = [self.header(f"the golden values fail ({bad} comparison{'s' if bad > 1 else ''})")]
+            lines += [harness.golden_block(names, comparisons) for names, comparisons in groups]
+            raise CaseFailure("\n".join([*lines, *self.diagnosis(result)]))
+
+
+class NotComparedItem(_CaseItem):
+    def runtest(self):
+        selected = ", ".join(self.engines) or "no engine"
+        pytest.skip(f"not compared: the case selects {selected} and has no golden values, so nothing can be compared")
 
 
 class InvalidCaseItem(_CaseItem):

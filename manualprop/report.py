@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -60,8 +61,13 @@ def case_json(result: CaseResult) -> dict:
     return {
         "name": case.name,
         "path": result.path,
-        "ok": result.ok,
+        "ok": result.ok and result.compared,  # nothing compared is never reported as passed
         "verdict": result.verdict,
+        "compared": result.compared,
+        **({} if result.compared else {"not_compared": result.why_not_compared()}),
+        # Every array here is (in, out) (SPEC section 2); this says how the case file wrote each kernel.
+        "layout": {param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
+                   for param in case.parameters() if param.endswith(".kernel")},
         "worst": None if worst is None else {"ratio": worst.worst_ratio, "param": worst.param, "a": worst.a, "b": worst.b},
         "dtype": case.dtype.name,
         "engines": {name: _engine_json(run) for name, run in result.runs.items()},
@@ -74,8 +80,13 @@ def case_json(result: CaseResult) -> dict:
 
 
 def build(results: Iterable[CaseResult], environment: dict, label: str | None = None) -> dict:
+    """The report; ``ok`` is true when no case failed and something was compared (exit status 0)."""
+    results = list(results)
     cases = [case_json(r) for r in results]
-    report = {"ok": all(c["ok"] for c in cases), "environment": environment, "cases": cases}
+    counts = Counter(r.verdict for r in results)
+    compared = any(r.compared for r in results)
+    ok = compared and not any(v in ("fail", "non-finite", "invalid") for v in counts)
+    report = {"ok": ok, "compared": compared, "counts": dict(sorted(counts.items())), "environment": environment, "cases": cases}
     return report if label is None else {"label": label, **report}
 
 

@@ -238,7 +238,7 @@ def test_pytest_reports_a_crash_with_where_it_happened(faulty, tmp_path):
 
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "crash.yaml").write_text(BATCH4 + "engines: [numpy, crashes-in-backward]\n")
+    (cases / "crash.case.yaml").write_text(BATCH4 + "engines: [numpy, crashes-in-backward]\n")
     (tmp_path / "conftest.py").write_text(
         "import sys\nsys.path.insert(0, %r)\nimport test_blame\nfrom manualprop import engines\n"
         "engines.register('crashes-in-backward', test_blame.CrashesInBackward)\n"

