@@ -58,7 +58,9 @@ class KerasEngine:
             return f"keras is not installed (install it with: {INSTALL})"
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
         if importlib.util.find_spec(backend) is None:
-            how = {"tensorflow": INSTALL, "torch": 'pip install "manualprop[torch]"'}.get(backend, f"pip install {backend}")
+            from .torch_engine import INSTALL as TORCH_INSTALL
+
+            how = {"tensorflow": INSTALL, "torch": TORCH_INSTALL}.get(backend, f"pip install {backend}")
             return f"keras's backend {backend} is not installed (install it with: {how})"
         return None
 

@@ -390,7 +390,7 @@ class _Builder:
         message = (f"expected shape (any, {takes}) = (batch, features), as layers[0].{key} {_show_shape(declared)}"
                    f"{f' at line {line}' if line else ''} takes {_many(takes, 'input')}; found {found}")
         targets = _written_shape(self.spec.targets)
-        transposed = found[0] == takes and (targets is None or targets[0] != found[0])
+        transposed = found[0] == takes and (targets is None or targets[0] == found[1])  # the targets back it
         if transposed:
             samples = found[1]
             message += (f": transposed? each row is one sample, so {_many(samples, 'sample')} of {_many(takes, 'feature')} "

@@ -373,7 +373,7 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         table.add_row(f"  {case.shown_as(param)}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
     losses = ", ".join(f"{n} {result.runs[n].result.loss:.9g}" for n in ran)
     parts: list[RenderableType] = [title, f"  loss: {losses}" if ran else "  [yellow]no engine ran[/yellow]"]
-    if not result.compared:
+    if result.verdict == "not compared":
         parts.append(f"  [yellow]not compared: {escape(result.why_not_compared())}[/yellow]")
     if ran:
         parts.append(table)

@@ -49,6 +49,7 @@ class CaseResult:
     oracle: EngineRun | None = None  # the finite-difference oracle, when it ran to arbitrate
     diagnosis: Diagnosis | None = None
     notes: list[str] = field(default_factory=list)  # failures of the case as a whole (a known difference that vanished)
+    vanished: dict[str, str] = field(default_factory=dict)  # engine -> its note, for the known differences that vanished
 
     @property
     def ok(self) -> bool:
@@ -195,14 +196,14 @@ def mark_known(case: Case, comparisons: list[Comparison]) -> list[Comparison]:
             for c in comparisons]
 
 
-def vanished_differences(case: Case, result: "CaseResult") -> list[str]:
-    """Known differences that did not show (strict, like pytest's xfail): each a change to look at."""
-    notes = []
+def vanished_differences(case: Case, result: "CaseResult") -> dict[str, str]:
+    """Known differences that did not show (strict, like pytest's xfail), by engine: each a change to look at."""
+    notes = {}
     for name, reason in case.known_differences.items():
         involved = [c for c in [*result.comparisons, *result.expected] if name in (c.a, c.b)]
         if name in result.ran and involved and not any(is_known(c) for c in involved):
-            notes.append(f"{name} was declared to differ ({reason}), but it agrees: the convention may have changed "
-                         f"in this version; look, then update or remove known_differences.{name}")
+            notes[name] = (f"{name} was declared to differ ({reason}), but it agrees: the convention may have changed "
+                           f"in this version; look, then update or remove known_differences.{name}")
     return notes
 
 
@@ -401,7 +402,8 @@ def run_case(case: Case, requested: Iterable[str] | None = None) -> CaseResult:
         result.expected.extend(check_expected(case, run))
     result.comparisons = mark_known(case, result.comparisons)
     result.expected = mark_known(case, result.expected)
-    result.notes = vanished_differences(case, result)
+    result.vanished = vanished_differences(case, result)
+    result.notes = list(result.vanished.values())
     arbitrate(case, result)
     return result
 

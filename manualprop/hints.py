@@ -110,7 +110,7 @@ def _ratio_hints(case: Case, step: Step, culprit: "EngineRun", reference: "Engin
     first = ratios[failing[0]]
     if not all(abs(r - first) <= 1e-3 * abs(first) for r in ratios.values()):
         return []
-    return factor_hint(case, step, culprit.engine, first, "deltas of " + ", ".join(failing))
+    return factor_hint(case, step, culprit.engine, first, "deltas of " + ", ".join(case.shown_as(n) for n in failing))
 
 
 def _layout_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
@@ -130,7 +130,8 @@ def _layout_hints(case: Case, step: Step, culprit: "EngineRun", reference: "Engi
         return []
     a, b = np.asarray(culprit.result.deltas.get(step.field)), np.asarray(reference.result.deltas.get(step.field))
     if a.ndim == 2 and a.T.shape == b.shape and np.allclose(a.T, b, rtol=case.rtol * 10, atol=case.atol * 10):
-        return [f"{step.field}: {culprit.engine}'s delta matches after transposing: a layout slip, (out, in) where (in, out) belongs"]
+        return [f"{case.shown_as(step.field)}: {culprit.engine}'s delta matches after transposing: a layout slip, "
+                "(out, in) where (in, out) belongs, or the reverse"]
     return []
 
 

@@ -122,18 +122,15 @@ class _CaseItem(pytest.Item):
     def header(self, what: str) -> str:
         return f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {what}"
 
-    def known(self, comparisons: list[Comparison]) -> None:
+    def known(self, result: harness.CaseResult, comparisons: list[Comparison]) -> None:
         """A declared known difference is an xfail when it shows, and a failure when it vanished
-        (strict, like pytest's xfail)."""
-        known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
-        if not known:
-            return
-        if any(harness.is_known(c) for c in comparisons):
-            if not any(harness.failed(c) for c in comparisons):
-                pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
-        elif isinstance(self, PairItem):
-            raise CaseFailure(self.header("\n".join(
-                f"{n} was declared to differ ({r}), but it agrees: the convention may have changed" for n, r in known.items())))
+        (strict, like pytest's xfail; the harness decides which, as for ``manualprop run``)."""
+        vanished = [note for name, note in result.vanished.items() if name in self.engines]
+        if vanished:
+            raise CaseFailure(self.header("\n".join(vanished)))
+        if any(harness.is_known(c) for c in comparisons) and not any(harness.failed(c) for c in comparisons):
+            known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
+            pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
 
     def diagnosis(self, result: harness.CaseResult) -> list[str]:
         """The case's diagnosis: the first divergence and who is blamed, or where golden values went wrong."""
@@ -162,7 +159,7 @@ class PairItem(_CaseItem):
         for name in self.engines:
             _needed(result.runs[name])
         comparisons = [c for c in result.comparisons if {c.a, c.b} == set(self.engines)]
-        self.known(comparisons)
+        self.known(result, comparisons)
         bad = [c for c in comparisons if harness.failed(c)]
         if bad:
             what = f"{len(bad)} of {len(comparisons)} comparisons fail"
@@ -176,9 +173,12 @@ class ExpectedItem(_CaseItem):
     def runtest(self):
         result = self.result()
         runs = [result.runs[n] for n in self.engines]
+        for run in runs:
+            if run.status != "skipped":
+                _needed(run)  # a crash or a non-finite value fails, as in manualprop run
         if not any(run.status == "ran" for run in runs):
             pytest.skip("no engine ran to check the golden values against: " + "; ".join(f"{r.engine}: {r.reason}" for r in runs))
-        self.known(result.expected)
+        self.known(result, result.expected)
         groups = harness.golden_groups(result)
         if groups:
             bad = sum(len(comparisons) for _, comparisons in groups)
@@ -189,6 +189,8 @@ class ExpectedItem(_CaseItem):
 
 class NotComparedItem(_CaseItem):
     def runtest(self):
+        for name in self.engines:
+            _needed(self.result().runs[name])  # a crash or a non-finite value still fails
         selected = ", ".join(self.engines) or "no engine"
         pytest.skip(f"not compared: the case selects {selected} and has no golden values, so nothing can be compared")
 

@@ -64,7 +64,7 @@ def case_json(result: CaseResult) -> dict:
         "ok": result.ok and result.compared,  # nothing compared is never reported as passed
         "verdict": result.verdict,
         "compared": result.compared,
-        **({} if result.compared else {"not_compared": result.why_not_compared()}),
+        **({"not_compared": result.why_not_compared()} if result.verdict == "not compared" else {}),
         # Every array here is (in, out) (SPEC section 2); this says how the case file wrote each kernel.
         "layout": {param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
                    for param in case.parameters() if param.endswith(".kernel")},

@@ -181,7 +181,7 @@ KEYS_UNDER: dict[object, list[str]] = {
 
 # What users of other tools write for a field, too far from its name for a spelling match.
 KEY_ALIASES = {"learning_rate": "lr", "x": "inputs", "y": "targets", "labels": "targets", "outputs": "targets",
-               "use_bias": "bias", "b": "bias", "w": "weight", "out_features": "units", "kernel_initializer": "init"}
+               "use_bias": "bias", "b": "bias", "out_features": "units", "kernel_initializer": "init"}
 
 
 def json_schema() -> dict:

@@ -629,7 +629,8 @@ def test_inputs_with_as_many_rows_as_the_targets_are_not_called_transposed():
 
 
 def test_generated_inputs_transposed():
-    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: {random: normal, shape: [2, 5]}"))
+    text = edit("targets: [[0.5]]", "targets: {random: uniform, shape: [5, 1]}")  # five samples, as the transposed inputs
+    err = reject(edit("inputs: [[1.0, 2.0]]", "inputs: {random: normal, shape: [2, 5]}", text))
     only_problem(err, 3, "inputs.shape", "expected shape (any, 2)", "found (2, 5)", "5 samples of 2 features are (5, 2)")
 
 

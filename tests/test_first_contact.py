@@ -285,3 +285,77 @@ def test_pytest_prints_one_block_when_engines_agree_against_a_golden_value(tmp_p
 def _write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path
+
+
+# -- found in review: crashes and vanished differences under pytest, hints in the file's layout ----
+
+CRASHING_CONFTEST = """
+from manualprop import engines
+
+
+class Crash:
+    name = "crash"
+
+    def unavailable(self):
+        return None
+
+    def step(self, case):
+        raise RuntimeError("boom")
+
+
+engines.register("crash", Crash)
+"""
+
+
+def test_pytest_fails_golden_values_that_a_crashed_engine_never_reached(tmp_path):
+    folder = tmp_path / "course"
+    folder.mkdir()
+    _write(folder / "conftest.py", CRASHING_CONFTEST)
+    _write(folder / "g.case.yaml", WEIGHT + "engines: [crash]\nexpected: {loss: 1.0}\n")
+    _write(folder / "alone.case.yaml", WEIGHT.replace("weight-layout", "alone") + "engines: [crash]\n")
+    done = _pytest(folder)
+    assert done.returncode == 1 and "2 failed" in done.stdout, done.stdout
+    assert "crash crashed in step" in done.stdout and "RuntimeError: boom" in done.stdout
+
+
+def test_pytest_fails_a_known_difference_that_vanished_against_golden_values(tmp_path):
+    loss = harness.run_case(load_case(_write(tmp_path / "w.yaml", WEIGHT)), ["numpy"]).runs["numpy"].result.loss
+    folder = tmp_path / "course"
+    folder.mkdir()
+    _write(folder / "k.case.yaml", WEIGHT + f'engines: [numpy]\nknown_differences: {{numpy: "said to differ"}}\nexpected: {{loss: {loss!r}}}\n')
+    done = _pytest(folder)
+    assert done.returncode == 1 and "numpy was declared to differ (said to differ), but it agrees" in done.stdout, done.stdout
+
+
+class DoubledDeltas(NumpyEngine):
+    """The NumPy engine with every delta doubled (lr taken twice)."""
+
+    name = "doubled"
+
+    def step(self, case):
+        result = super().step(case)
+        return StepResult(result.loss, {k: 2 * v for k, v in result.deltas.items()}, result.trace)
+
+
+def test_hints_name_a_weight_parameter_as_the_file_does(weight_case, capsys):
+    engines.register(DoubledDeltas.name, DoubledDeltas)
+    try:
+        assert cli.main(["run", str(weight_case), "--engines", "numpy,doubled"]) == 1
+    finally:
+        engines.unregister(DoubledDeltas.name)
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("hint:")]
+    assert any("layers.0.weight" in h for h in hints), hints
+    assert not any("layers.0.kernel" in h for h in hints), hints
+
+
+def test_a_column_of_inputs_is_called_transposed_only_when_the_targets_agree():
+    from manualprop.case import parse_case
+    from manualprop.errors import CaseError
+
+    column = WEIGHT.replace("inputs: [[1.0, 2.0], [0.5, -1.0]]", "inputs: [[1.0], [2.0]]")  # (2, 1): 1 sample of 2?
+    with pytest.raises(CaseError) as backed:
+        parse_case(column.replace("targets: [[0.5], [-0.25]]", "targets: [[0.5]]"), "c.yaml")
+    assert "transposed?" in str(backed.value)
+    with pytest.raises(CaseError) as unbacked:  # two rows of targets: the inputs hold two samples, not one
+        parse_case(column, "c.yaml")
+    assert "transposed?" not in str(unbacked.value)

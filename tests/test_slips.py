@@ -12,7 +12,7 @@ import pytest
 from manualprop import activations, harness, losses, parse_case
 
 FRAMEWORKS = [name for name, module in (("torch", "torch"), ("keras", "keras")) if importlib.util.find_spec(module)]
-pytestmark = pytest.mark.skipif(not FRAMEWORKS, reason="needs torch or keras as the reference (pip install torch)")
+pytestmark = pytest.mark.skipif(not FRAMEWORKS, reason='needs torch or keras as the reference (pip install "manualprop[torch]")')
 
 RELU_CASE = """
 dtype: float64
