@@ -1,6 +1,6 @@
-"""The Keras engine: a real ``keras.Sequential`` of ``Dense`` layers, compiled with
-``keras.optimizers.SGD`` and a Keras loss, stepped through ``train_on_batch``, Keras's own
-training path (measured bit-identical to ``fit`` for one batch).
+"""The Keras engine: a real ``keras.Sequential`` of ``Dense`` layers, compiled with the case's
+``keras.optimizers`` optimizer and a Keras loss, stepped through ``train_on_batch``, Keras's own
+training path (measured bit-identical to ``fit`` for one batch), ``case.steps`` times on the batch.
 
 Conventions pinned here:
 
@@ -15,28 +15,50 @@ Conventions pinned here:
   is computed from the logits, as in PyTorch and the NumPy engine.
 * leaky_relu gets the case's slope explicitly (Keras's default is 0.2; Keras 2's 0.3).
 * ``jit_compile=False``: XLA may fuse and reorder the arithmetic.
+* Optimizers (SPEC section 7), set up as the SPEC's formulas wherever a setting exists
+  (:data:`OPTIMIZER`). In a float64 model every hyperparameter is given as ``np.float64``: a
+  Python float goes through ``tf.cast`` as a float32 constant first, so Keras would step with
+  momentum 0.8999999761581421 for 0.9 (and so beta1, beta2, weight_decay). The SPEC's SGD
+  weight decay is L2 added to g; Keras's ``weight_decay`` is decoupled (it never enters the
+  momentum), so it is given as an L2 penalty ``weight_decay / 2 * sum(p^2)`` on every kernel and
+  bias instead, and the loss reported is the case's loss without it. Keras 2's Adam gets
+  ``adaptive_epsilon=True`` (epsilon on the bias-corrected v, as the SPEC). What no setting
+  removes is pinned by a canary in cases/canaries/ and named by a hint
+  (:mod:`manualprop.hints`, with the formulas of :mod:`manualprop.variants`): Keras 3's Adam and
+  AdamW put epsilon on the uncorrected v, RMSprop and Adagrad put it inside the square root.
+  The state is reported in the SPEC's names and meaning (:data:`STATE`): Keras's SGD keeps
+  ``-lr * b`` and its RMSprop ``lr * b``, the same steps for a constant learning rate.
+* The compiled model is cached per architecture, optimizer and hyperparameters (Keras bakes the
+  hyperparameters into its traced step; the learning rate is a variable). Its optimizer is built
+  at once and its variables' initial values kept: every run restores them (iterations 0, moments
+  0, Adagrad's accumulators at initial_accumulator), so no state leaks from one case to the next.
 
 Keras 2 runs too: the ``keras`` 2.x package that TensorFlow 2.15 and older install, or
 ``tf_keras`` when ``TF_USE_LEGACY_KERAS=1`` (as TensorFlow itself reads that variable). The two
-APIs differ in two places this adapter touches, each handled in one function: where floatx is
-set (:func:`_floatx`) and how leaky_relu takes its slope (:func:`_activation`).
+APIs differ in four places this adapter touches, each handled in one function: where floatx is
+set (:func:`_floatx`), how leaky_relu takes its slope (:func:`_leaky_relu`), Adam's
+``adaptive_epsilon``, Keras 2's only (:func:`_adam`), and the ops the L2 penalty is written with
+(:func:`_penalty`). The optimizers' state lists have the same names in both (:data:`STATE`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 import importlib.util
+import inspect
 import logging
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from manualprop.case import Case
-from manualprop.engines import BuildCache, LayerTrace, StepResult
+from manualprop.concepts import LOSSES
+from manualprop.engines import BuildCache, LayerTrace, StepRecord, StepResult
 
 INSTALL = 'pip install "manualprop[tf]"'
 
@@ -79,8 +101,8 @@ class KerasEngine:
             set_floatx(previous)
 
     def compiled(self, keras, case: Case) -> "_Compiled":
-        """The compiled model for the case's architecture, dtype and loss: built once, then reused
-        (its weights and learning rate are loaded for every step; plain SGD keeps no other state)."""
+        """The compiled model for the case's architecture, dtype, loss and optimizer: built once, then
+        reused (its weights, learning rate and optimizer state are loaded for every run)."""
         return self.models.get(_architecture(keras, case), lambda: _build(keras, case))
 
 
@@ -129,12 +151,78 @@ def _floatx(keras):
     return where.floatx, where.set_floatx
 
 
-def _activation(keras, name: str, alpha: float):
-    if name != "leaky_relu":
-        return name
+def _leaky_relu(keras, alpha: float):
     if hasattr(keras.activations, "leaky_relu"):  # Keras 3
         return functools.partial(keras.activations.leaky_relu, negative_slope=alpha)
     return functools.partial(keras.activations.relu, alpha=alpha)  # Keras 2: relu's alpha is the negative slope
+
+
+# The Keras object of every declared activation and loss (manualprop.concepts), by name.
+ACTIVATION = {
+    "linear": lambda keras, alpha: "linear",
+    "sigmoid": lambda keras, alpha: "sigmoid",
+    "tanh": lambda keras, alpha: "tanh",
+    "relu": lambda keras, alpha: "relu",
+    "leaky_relu": _leaky_relu,
+    "softmax": lambda keras, alpha: "softmax",
+}
+LOSS = {
+    "mse": lambda keras: keras.losses.MeanSquaredError,
+    "mae": lambda keras: keras.losses.MeanAbsoluteError,
+    "categorical_crossentropy": lambda keras: keras.losses.CategoricalCrossentropy,
+}
+
+
+def _number(case: Case):
+    """A hyperparameter as Keras should get it: np.float64 in a float64 model (a float subclass, which
+    ``tf.cast`` keeps in float64), a Python float otherwise."""
+    return np.float64 if case.dtype == np.float64 else float
+
+
+def _sgd(keras, hp: dict, number) -> object:
+    # weight_decay is not passed: Keras's is decoupled; the SPEC's L2 is a penalty (_penalty).
+    return keras.optimizers.SGD(momentum=number(hp["momentum"]), nesterov=bool(hp["nesterov"]))
+
+
+def _adam(keras, hp: dict, number, **decay) -> object:
+    cls = keras.optimizers.AdamW if decay else keras.optimizers.Adam
+    settings = dict(beta_1=number(hp["beta1"]), beta_2=number(hp["beta2"]), epsilon=number(hp["epsilon"]),
+                    amsgrad=bool(hp["amsgrad"]), **decay)
+    if "adaptive_epsilon" in inspect.signature(cls).parameters:  # Keras 2's Adam: epsilon on the corrected v
+        settings["adaptive_epsilon"] = True
+    return cls(**settings)
+
+
+# The Keras optimizer of every declared optimizer (manualprop.concepts), by name: (keras, hyper, number) -> optimizer.
+OPTIMIZER = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": lambda keras, hp, number: _adam(keras, hp, number, weight_decay=number(hp["weight_decay"])),
+    "rmsprop": lambda keras, hp, number: keras.optimizers.RMSprop(
+        rho=number(hp["rho"]), momentum=number(hp["momentum"]), epsilon=number(hp["epsilon"]), centered=bool(hp["centered"])),
+    "adagrad": lambda keras, hp, number: keras.optimizers.Adagrad(
+        initial_accumulator_value=number(hp["initial_accumulator"]), epsilon=number(hp["epsilon"])),
+}
+
+# Where each optimizer keeps the state the SPEC names, per parameter (the same attribute in Keras 3
+# and Keras 2, one variable per trainable variable in the order the optimizer was built with), and
+# how the SPEC's value follows from Keras's: SGD keeps -lr * b, RMSprop's momentum lr * b.
+STATE = {
+    "sgd": {"b": ("momentums", lambda x, lr: -x / lr)},
+    "adam": {"m": ("_momentums", None), "v": ("_velocities", None), "vmax": ("_velocity_hats", None)},
+    "adamw": {"m": ("_momentums", None), "v": ("_velocities", None), "vmax": ("_velocity_hats", None)},
+    "rmsprop": {"s": ("_velocities", None), "a": ("_average_gradients", None), "b": ("_momentums", lambda x, lr: x / lr)},
+    "adagrad": {"acc": ("_accumulators", None)},
+}
+
+
+def _kept(case: Case) -> set[str]:
+    """The state names the case's settings use (SGD without momentum keeps no b; no vmax without amsgrad)."""
+    hp = case.hyper
+    unused = {"sgd": {"b"} if not hp.get("momentum") else set(),
+              "adam": set() if hp.get("amsgrad") else {"vmax"}, "adamw": set() if hp.get("amsgrad") else {"vmax"},
+              "rmsprop": ({"a"} if not hp.get("centered") else set()) | ({"b"} if not hp.get("momentum") else set())}
+    return set(STATE[case.optimizer]) - unused.get(case.optimizer, set())
 
 
 @dataclass
@@ -143,44 +231,65 @@ class _Compiled:
     layers: list
     loss_fn: object
     weight: float
+    initial: list  # the optimizer's variables as built, restored before every run
+    penalized: bool  # the SPEC's SGD weight decay as an L2 penalty: the case's loss is a metric then
 
 
 def _loss_weight(case: Case) -> float:
     """The case's scale, times the number of outputs where Keras's sum is the SPEC's sum / outputs."""
-    per_sample_mean = case.loss in ("mse", "mae")
+    per_sample_mean = LOSSES[case.loss].per == "element"
     return case.scale * (case.targets.shape[1] if per_sample_mean and case.reduction == "sum" else 1)
 
 
 def _architecture(keras, case: Case) -> tuple:
-    """What a compiled model depends on: everything but the weights, the data and the learning rate."""
+    """What a compiled model depends on: everything but the weights, the data and the learning rate
+    (the optimizer's hyperparameters are constants in Keras's traced step)."""
     layers = tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers)
-    return (keras.__name__, case.dtype.name, case.inputs.shape[1], layers, case.loss, case.reduction, _loss_weight(case))
+    return (keras.__name__, case.dtype.name, case.inputs.shape[1], layers, case.loss, case.reduction, _loss_weight(case),
+            case.optimizer, tuple(sorted(case.hyper.items())))
+
+
+def _penalty(keras, case: Case):
+    """The SPEC's SGD weight decay, g <- g + wd p, as a regularizer wd / 2 * sum(p^2), its factor in
+    the parameter's dtype (Keras's own L2 casts a Python float through float32); None without it."""
+    wd = case.hyper.get("weight_decay", 0.0) if case.optimizer == "sgd" else 0.0
+    if not wd:
+        return None
+    half = case.dtype.type(wd) / 2
+    if hasattr(keras, "ops"):  # Keras 3, on any backend
+        return lambda p: keras.ops.multiply(keras.ops.sum(keras.ops.square(p)), half)
+    import tensorflow as tf  # Keras 2
+
+    return lambda p: tf.reduce_sum(tf.square(p)) * half
 
 
 def _build(keras, case: Case) -> _Compiled:
     # The dtype is given to every layer as well as through floatx: Keras 3 caches its default dtype
     # policy on first use, so a float64 model built after a float32 one would otherwise be float32.
     dtype = case.dtype.name
+    penalty = _penalty(keras, case)
     layers = [
-        keras.layers.Dense(layer.units, activation=_activation(keras, layer.activation, layer.alpha),
-                           use_bias=layer.bias is not None, dtype=dtype)
+        keras.layers.Dense(layer.units, activation=ACTIVATION[layer.activation](keras, layer.alpha),
+                           use_bias=layer.bias is not None, dtype=dtype, kernel_regularizer=penalty,
+                           bias_regularizer=penalty if layer.bias is not None else None)
         for layer in case.layers
     ]
     model = keras.Sequential([keras.Input(shape=(case.inputs.shape[1],), dtype=dtype), *layers])
-    loss_class = {
-        "mse": keras.losses.MeanSquaredError,
-        "mae": keras.losses.MeanAbsoluteError,
-        "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
-    }[case.loss]
+    loss_class = LOSS[case.loss](keras)
     loss_fn = loss_class(reduction="sum_over_batch_size" if case.reduction == "mean" else "sum")
     weight = _loss_weight(case)
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=case.lr),
-        loss=loss_fn,
-        loss_weights=[weight],
-        jit_compile=False,
-    )
-    return _Compiled(model, layers, loss_fn, weight)
+
+    def case_loss(targets, outputs):  # the loss without the penalty, as the SPEC reports it
+        return weight * loss_fn(targets, outputs)
+
+    optimizer = OPTIMIZER[case.optimizer](keras, case.hyper, _number(case))
+    model.compile(optimizer=optimizer, loss=loss_fn, loss_weights=[weight], jit_compile=False,
+                  metrics=[case_loss] if penalty is not None else None)
+    # Built at once, on the parameters in the order _parameters names them (kernel, bias per layer):
+    # each of its state lists follows that order.
+    optimizer.build([w for dense in layers for w in dense.trainable_weights])
+    initial = [np.array(v.numpy()) for v in optimizer.variables]
+    return _Compiled(model, layers, loss_fn, weight, initial, penalty is not None)
 
 
 def _load(case: Case, layers: list) -> None:
@@ -188,23 +297,90 @@ def _load(case: Case, layers: list) -> None:
         dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
 
 
+def _parameters(case: Case, layers: list) -> dict[str, np.ndarray]:
+    """Every parameter's current value, by name, kernels (in, out)."""
+    values = {}
+    for i, (layer, dense) in enumerate(zip(case.layers, layers)):
+        weights = dense.get_weights()
+        values[f"layers.{i}.kernel"] = np.asarray(weights[0])
+        if layer.bias is not None:
+            values[f"layers.{i}.bias"] = np.asarray(weights[1])
+    return values
+
+
+def _reset(compiled: _Compiled) -> None:
+    """The optimizer as built: iterations 0, every moment 0, Adagrad's accumulators at their start."""
+    for variable, value in zip(compiled.model.optimizer.variables, compiled.initial):
+        variable.assign(value)
+
+
+def _state(case: Case, compiled: _Compiled, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The optimizer's state after a step, per parameter, in the SPEC's names and meaning."""
+    optimizer, kept = compiled.model.optimizer, _kept(case)
+    state: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
+    for concept, (attribute, convert) in STATE[case.optimizer].items():
+        slots = getattr(optimizer, attribute, None) or []
+        if concept not in kept or len(slots) != len(names):
+            continue
+        for name, slot in zip(names, slots):
+            value = np.asarray(slot.numpy())
+            state[name][concept] = convert(value, value.dtype.type(case.lr)) if convert else value
+    return state
+
+
+class _Record(StepRecord):
+    """A step's record whose trace is computed the first time it is read (a second pass over the
+    parameters the step started from); a pass that fails leaves it empty and says why in ``trace_error``."""
+
+    def __init__(self, loss: float, deltas: dict, state: dict, compute: Callable[[], list[LayerTrace]]):
+        self._compute: Callable[[], list[LayerTrace]] | None = compute
+        self._trace: list[LayerTrace] | None = None
+        self.trace_error: str | None = None
+        super().__init__(loss, deltas, state)
+
+    @property  # type: ignore[override]
+    def trace(self) -> list[LayerTrace] | None:
+        if self._trace is None and self._compute is not None:
+            compute, self._compute = self._compute, None
+            try:
+                self._trace = compute()
+            except Exception as err:  # a diagnostic pass that fails leaves the step's verdict standing
+                self.trace_error, self._trace = f"{type(err).__name__}: {err}", []
+        return self._trace
+
+    @trace.setter
+    def trace(self, value: list[LayerTrace] | None) -> None:
+        if value is not None:
+            self._trace, self._compute = value, None
+
+    def __repr__(self) -> str:
+        return f"StepRecord(loss={self.loss!r}, deltas={sorted(self.deltas)}, state={sorted(self.state)})"
+
+
 def _step(keras, case: Case, compiled: _Compiled) -> StepResult:
     _load(case, compiled.layers)
-    compiled.model.optimizer.learning_rate = case.lr
-    loss = compiled.model.train_on_batch(case.inputs, case.targets)
+    _reset(compiled)
+    optimizer = compiled.model.optimizer
+    optimizer.learning_rate = _number(case)(case.lr)
+    start = before = _parameters(case, compiled.layers)
+    names = list(start)
+    history: list[StepRecord] = []
+    for _ in range(case.steps):
+        logs = compiled.model.train_on_batch(case.inputs, case.targets, return_dict=True)
+        loss = logs["case_loss"] if compiled.penalized else logs["loss"]
+        after = _parameters(case, compiled.layers)
+        history.append(_Record(float(loss), {n: after[n] - before[n] for n in names}, _state(case, compiled, names),
+                               functools.partial(_traced, case, compiled, before)))
+        before = after
 
-    deltas = {}
-    for i, (layer, dense) in enumerate(zip(case.layers, compiled.layers)):
-        values = dense.get_weights()
-        deltas[f"layers.{i}.kernel"] = np.asarray(values[0]) - layer.kernel
-        if layer.bias is not None:
-            deltas[f"layers.{i}.bias"] = np.asarray(values[1]) - layer.bias
+    deltas = {n: before[n] - start[n] for n in names}
+    return StepResult(loss=history[0].loss, deltas=deltas, history=history, trace_factory=lambda: history[0].trace)
 
-    def trace() -> list[LayerTrace]:  # a second pass, only when a disagreement asks for it
-        _load(case, compiled.layers)
-        return _trace(case, compiled.layers, compiled.loss_fn, compiled.weight)
 
-    return StepResult(loss=float(loss), deltas=deltas, trace_factory=trace)
+def _traced(case: Case, compiled: _Compiled, params: dict[str, np.ndarray]) -> list[LayerTrace]:
+    """The trace of the step that started from ``params``: they are loaded, then a GradientTape pass."""
+    _load(case.with_parameters(params), compiled.layers)
+    return _trace(case, compiled.layers, compiled.loss_fn, compiled.weight)
 
 
 def _variable(v):

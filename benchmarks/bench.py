@@ -68,16 +68,18 @@ def bare_torch(case):
     import torch
     from torch import nn
 
+    from manualprop.adapters.torch_engine import ACTIVATION, LOSS
+    from manualprop.concepts import LOSSES
+
     dtype = getattr(torch, case.dtype.name)
-    acts = {"linear": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "softmax": lambda: nn.Softmax(dim=1)}
     modules = []
     for i, layer in enumerate(case.layers):
         modules.append(nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.bias is not None, dtype=dtype))
         last = i == len(case.layers) - 1
-        if not (last and case.loss == "categorical_crossentropy"):
-            modules.append(nn.LeakyReLU(layer.alpha) if layer.activation == "leaky_relu" else acts[layer.activation]())
+        if not (last and LOSSES[case.loss].on_logits):
+            modules.append(ACTIVATION[layer.activation](nn, layer.alpha))
     model = nn.Sequential(*modules)
-    criterion = {"mse": nn.MSELoss, "mae": nn.L1Loss, "categorical_crossentropy": nn.CrossEntropyLoss}[case.loss](reduction=case.reduction)
+    criterion = LOSS[case.loss](nn)(reduction=case.reduction)
     optimizer = torch.optim.SGD(model.parameters(), lr=case.lr)
     x, t = torch.from_numpy(case.inputs), torch.from_numpy(case.targets)
 

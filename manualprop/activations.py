@@ -72,9 +72,6 @@ ACTIVATIONS: dict[str, Activation] = {
     "softmax": Activation(_softmax, _softmax_backward, False),
 }
 
-# Activations that take a parameter, and its name in the case file.
-PARAMETERS: dict[str, str] = {"leaky_relu": "alpha"}
-
 
 def get(identifier: str) -> Activation:
     """The activation registered under ``identifier``."""

@@ -9,6 +9,7 @@ kernel and bias), so every engine receives the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 from pydantic import ValidationError
 
-from . import schema, yamlsafe
+from . import concepts, schema, yamlsafe
 from .compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
 from .errors import CaseError, Problem, format_path
 
@@ -45,7 +46,7 @@ class Layer:
 class Expected:
     """Golden values; ``updated`` and ``deltas`` are keyed by parameter name, kernels (in, out)."""
 
-    loss: float | None
+    loss: float | list[float] | None  # before the step, or before each step
     updated: dict[str, np.ndarray]
     deltas: dict[str, np.ndarray]
     rtol: float
@@ -75,6 +76,9 @@ class Case:
     expected: Expected | None = None
     lines: dict[tuple, int] = field(default_factory=dict, repr=False)
     known_differences: dict[str, str] = field(default_factory=dict)  # engine -> reason
+    optimizer: str = "sgd"  # a name declared in manualprop.concepts.OPTIMIZERS
+    hyper: dict[str, float | bool] = field(default_factory=dict)  # every hyperparameter of the optimizer, defaults filled in
+    steps: int = 1  # updates, each on the same batch; deltas are after the last minus before the first
 
     def parameters(self) -> dict[str, np.ndarray]:
         """The initial parameters by name, kernels in the (in, out) layout."""
@@ -84,6 +88,14 @@ class Case:
             if layer.bias is not None:
                 params[f"layers.{i}.bias"] = layer.bias
         return params
+
+    def with_parameters(self, params: dict[str, np.ndarray]) -> "Case":
+        """The same case with other parameter values (by name, kernels (in, out)): the network as it
+        stands before a later step."""
+        layers = tuple(dataclasses.replace(layer, kernel=params[f"layers.{i}.kernel"],
+                                           bias=params.get(f"layers.{i}.bias", layer.bias))
+                       for i, layer in enumerate(self.layers))
+        return dataclasses.replace(self, layers=layers)
 
     def shown_as(self, param: str) -> str:
         """The parameter's name in the case file's own layout: ``layers.0.weight`` for a kernel
@@ -331,12 +343,14 @@ class _Builder:
             layers.append(self.layer(i, layer_spec, fan_in, batch))
             fan_in = layer_spec.units if layer_spec.units <= MAX_ELEMENTS else None  # too many: reported once, above
         loss_spec = spec.loss if isinstance(spec.loss, schema.LossSpec) else schema.LossSpec(name=spec.loss)
-        loss_name = "categorical_crossentropy" if loss_spec.name == "cce" else loss_spec.name
-        if loss_name == "categorical_crossentropy" and layers and spec.layers[-1].activation_name != "softmax":
+        declared = concepts.loss(loss_spec.name)
+        loss_name = declared.name
+        needed = declared.last_activation
+        if needed and layers and spec.layers[-1].activation_name != needed:
             self.problem(
                 ("layers", len(spec.layers) - 1, "activation"),
-                "categorical_crossentropy is computed from the logits of a softmax last layer; "
-                f"expected activation softmax, found {spec.layers[-1].activation_name}",
+                f"{loss_name} is computed from the logits of a {needed} last layer; "
+                f"expected activation {needed}, found {spec.layers[-1].activation_name}",
             )
         if spec.engines is not None and self.known_engines is not None:
             for j, name in enumerate(spec.engines):
@@ -346,6 +360,7 @@ class _Builder:
             for name in spec.known_differences:
                 if name not in self.known_engines:
                     self.problem(("known_differences", name), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}")
+        optimizer, hyper = self.optimizer(spec.optimizer)
         rtol, atol = _tolerance(spec.tolerance, DEFAULT_TOLERANCE[spec.dtype])
         if self.problems or inputs is None or targets is None or None in layers:
             return None
@@ -367,6 +382,9 @@ class _Builder:
             atol=atol,
             lines=self.lines,
             known_differences=dict(spec.known_differences or {}),
+            optimizer=optimizer,
+            hyper=hyper,
+            steps=spec.steps,
         )
         expected = self.expected(case) if spec.expected is not None else None
         if self.problems:
@@ -401,17 +419,19 @@ class _Builder:
     def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
         path = ("layers", i)
         activation = spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
-        alpha = activation.alpha
-        if activation.name == "leaky_relu" and alpha is None:
-            self.problem(
-                (*path, "activation"),
-                "leaky_relu needs its slope: write {name: leaky_relu, alpha: 0.01} "
-                "(PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3)",
-            )
-        elif activation.name != "leaky_relu" and alpha is not None:
-            self.problem((*path, "activation", "alpha"), f"alpha is a parameter of leaky_relu only, found it on {activation.name}")
-        if activation.name == "softmax" and i != len(self.spec.layers) - 1:
-            self.problem((*path, "activation"), "softmax is supported on the last layer only")
+        declared = concepts.ACTIVATIONS[activation.name]
+        own = {p.name for p in declared.params}
+        for param in declared.params:
+            if param.required and getattr(activation, param.name) is None:
+                self.problem((*path, "activation"), f"{declared.name} needs its {param.meaning}: write "
+                             f"{{name: {declared.name}, {param.name}: ...}}" + (f" ({param.frameworks})" if param.frameworks else ""))
+        for name in schema.ActivationSpec.model_fields:
+            if name != "name" and name not in own and getattr(activation, name) is not None:
+                owners = [a.name for a in concepts.ACTIVATIONS.values() if any(p.name == name for p in a.params)]
+                self.problem((*path, "activation", name), f"{name} is a parameter of {' and '.join(owners)} only, found it on {activation.name}")
+        if declared.last_layer_only and i != len(self.spec.layers) - 1:
+            self.problem((*path, "activation"), f"{declared.name} is supported on the last layer only")
+        alpha = getattr(activation, "alpha", None)
         if spec.kernel is not None and spec.weight is not None:
             self.problem((*path, "weight"), "give kernel (in, out) or weight (out, in), not both")
             return None
@@ -474,7 +494,26 @@ class _Builder:
                     tables[section][key] = array.T if kind == "weight" else array
                     given_as[(section, key)] = name
         rtol, atol = _tolerance(exp.tolerance, EXPECTED_TOLERANCE)
+        if isinstance(exp.loss, list) and len(exp.loss) != case.steps:
+            self.problem(("expected", "loss"), f"expected one loss per step ({case.steps}), found {len(exp.loss)}")
         return Expected(exp.loss, tables["updated"], tables["deltas"], rtol, atol, given_as)
+
+    def optimizer(self, value: Any) -> tuple[str, dict[str, float | bool]]:
+        """The optimizer's name and every hyperparameter, checked against its declaration."""
+        spec = value if isinstance(value, schema.OptimizerSpec) else schema.OptimizerSpec(name=value)
+        declared = concepts.OPTIMIZERS[spec.name]
+        path = ("optimizer",)
+        own = {p.name for p in declared.params}
+        for param in declared.params:
+            if param.required and getattr(spec, param.name) is None:
+                self.problem(path, f"{declared.name} needs its {param.meaning}: write {{name: {declared.name}, {param.name}: ...}}"
+                             + (f" ({param.frameworks})" if param.frameworks else ""))
+        for name in schema.OptimizerSpec.model_fields:
+            if name != "name" and name not in own and getattr(spec, name) is not None:
+                owners = [o.name for o in concepts.OPTIMIZERS.values() if any(p.name == name for p in o.params)]
+                self.problem((*path, name), f"{name} is a hyperparameter of {', '.join(owners)}, not of {declared.name}")
+        given = {name: getattr(spec, name) for name in own}
+        return declared.name, declared.settings(given)
 
 
 def _tolerance(given: schema.Tolerance | None, default: tuple[float, float]) -> tuple[float, float]:

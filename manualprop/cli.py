@@ -22,6 +22,7 @@ from rich.table import Table
 from . import __version__, engines, harness, report
 from .compare import Comparison
 from .harness import CaseResult
+from .outcomes import Status, Verdict
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INVALID, EXIT_NOTHING_COMPARED = 0, 1, 2, 5  # 5: as pytest's "no tests ran"
 EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a program ended by SIGPIPE
@@ -80,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     fz.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0): the same seed, the same cases")
     fz.add_argument("--out", default="fuzz-findings", metavar="DIR", help="where minimal cases are written (default fuzz-findings/)")
     fz.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to run (default: every installed one)")
+    fz.add_argument("--optimizers", action="store_true", help=(
+        "draw the optimizer, its hyperparameters and 1 to 5 steps too (not yet free of false alarms where an update "
+        "normalized by sqrt(v) meets a gradient that cancels to zero: see the README)"))
     fz.add_argument("--architectures", type=int, metavar="K", help=(
         "draw the cases over K architectures instead of a new one for each case: much faster with Keras, "
         "which reuses its compiled models; shrinking then goes to the simplest architecture of the K"))
@@ -145,7 +149,7 @@ def _fuzz(args: argparse.Namespace) -> int:
             progress.update(task, completed=summary.cases, rate=summary.cases / max(time.perf_counter() - start, 1e-9),
                             found=len(summary.findings))
 
-        summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update, args.architectures)
+        summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update, args.architectures, args.optimizers)
     out.print(f"{summary.cases} random cases in {summary.seconds:.1f} s ({summary.rate:.1f} cases/s), seed {args.seed}")
     if summary.closest_case:
         out.print(f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})")
@@ -206,14 +210,14 @@ def _report(args: argparse.Namespace) -> int:
                 previous = json.loads(open(args.previous, encoding="utf-8").read())
             except FileNotFoundError:
                 err.print(f"[yellow]no previous table at {escape(args.previous)}: nothing to compare with[/yellow]")
+            if previous is not None:
+                compat.mark_changes(table, previous, args.previous)  # its verdicts are read: an unknown one is a ReportError
     except compat.ReportError as e:
         err.print(f"[red]manualprop report: {escape(str(e))}[/red]")
         return EXIT_INVALID
     except json.JSONDecodeError as e:
         err.print(f"[red]manualprop report: {escape(args.previous)}:{e.lineno}: not JSON: {escape(e.msg)}[/red]")
         return EXIT_INVALID
-    if previous is not None:
-        compat.mark_changes(table, previous)
     markdown = compat.to_markdown(table)
     outputs = {args.markdown: ("the Markdown table", lambda: markdown), args.html: ("the HTML page", lambda: compat.to_html(table)),
                args.table_json: ("the table as JSON", lambda: json.dumps(compat.to_json(table), indent=1) + "\n")}
@@ -313,12 +317,12 @@ def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> 
     """The counts by verdict, and the exit status: 2 invalid, 1 failed, 5 nothing compared, else 0.
     A case on which nothing was compared is counted on its own, never as passed."""
     verdicts = [r.verdict for r in results]
-    invalid = verdicts.count("invalid")
-    failed = verdicts.count("fail") + verdicts.count("non-finite")
-    known, unseen = verdicts.count("known"), verdicts.count("not compared")
+    invalid = verdicts.count(Verdict.INVALID)
+    failed = verdicts.count(Verdict.FAIL) + verdicts.count(Verdict.NON_FINITE)
+    known, unseen = verdicts.count(Verdict.KNOWN), verdicts.count(Verdict.NOT_COMPARED)
     nothing = not any(r.compared for r in results)
     colour = "red" if invalid or failed else "yellow" if nothing or unseen else "green"
-    counts = f"{verdicts.count('pass')} passed, {failed} failed, {invalid} invalid"
+    counts = f"{verdicts.count(Verdict.PASS)} passed, {failed} failed, {invalid} invalid"
     counts += (f", {known} known differences" if known else "") + (f", {unseen} not compared" if unseen else "")
     out.print(f"[{colour}]{len(results)} cases: {counts}[/{colour}]")
     if json_path:
@@ -334,8 +338,8 @@ def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> 
     return EXIT_OK
 
 
-VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "invalid": "bold red", "not compared": "bold yellow",
-                 "known": "bold yellow", "non-finite": "bold red"}
+VERDICT_STYLE = {Verdict.PASS: "bold green", Verdict.FAIL: "bold red", Verdict.INVALID: "bold red",
+                 Verdict.NOT_COMPARED: "bold yellow", Verdict.KNOWN: "bold yellow", Verdict.NON_FINITE: "bold red"}
 
 
 def _verdict(result: CaseResult) -> str:
@@ -373,12 +377,12 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         table.add_row(f"  {case.shown_as(param)}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
     losses = ", ".join(f"{n} {result.runs[n].result.loss:.9g}" for n in ran)
     parts: list[RenderableType] = [title, f"  loss: {losses}" if ran else "  [yellow]no engine ran[/yellow]"]
-    if result.verdict == "not compared":
+    if result.verdict == Verdict.NOT_COMPARED:
         parts.append(f"  [yellow]not compared: {escape(result.why_not_compared())}[/yellow]")
     if ran:
         parts.append(table)
     for name, run in result.runs.items():
-        if run.status == "error":
+        if run.status == Status.ERROR:
             parts.append(f"  [red]{name} {escape(run.reason or '')}[/red]")
         if run.non_finite:
             parts.append(f"  [red]{name}: a non-finite value: {escape(run.non_finite)}[/red]")

@@ -19,10 +19,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .outcomes import Status, Verdict
+
 FORMAT = "manualprop-compat-1"
-ICON = {"pass": "✅", "fail": "❌", "known": "⚠️", "invalid": "🚫", "not compared": "➖", "non-finite": "💥"}
-COLOUR = {"pass": "#d9f2d9", "fail": "#f8d0d0", "known": "#fbeec1", "invalid": "#f8d0d0", "not compared": "#eeeeee",
-          "non-finite": "#f8d0d0"}
+ICON = {Verdict.PASS: "✅", Verdict.FAIL: "❌", Verdict.KNOWN: "⚠️", Verdict.INVALID: "🚫", Verdict.NOT_COMPARED: "➖",
+        Verdict.NON_FINITE: "💥"}
+COLOUR = {Verdict.PASS: "#d9f2d9", Verdict.FAIL: "#f8d0d0", Verdict.KNOWN: "#fbeec1", Verdict.INVALID: "#f8d0d0",
+          Verdict.NOT_COMPARED: "#eeeeee", Verdict.NON_FINITE: "#f8d0d0"}
 VERSION_KEYS = ("python", "numpy", "torch", "tensorflow")
 
 
@@ -32,7 +35,7 @@ class ReportError(ValueError):
 
 @dataclass
 class Cell:
-    verdict: str
+    verdict: Verdict
     worst_ratio: float | None = None
     worst: str = ""  # the comparison closest to its tolerance: "layers.1.kernel numpy-keras"
     digests: dict[str, str] = field(default_factory=dict)  # engine -> digest of its deltas' bits
@@ -55,7 +58,7 @@ class Table:
 
     @property
     def failed(self) -> bool:
-        return any(c.verdict in ("fail", "invalid", "non-finite") for row in self.cells.values() for c in row.values())
+        return any(c.verdict.failing for row in self.cells.values() for c in row.values())
 
 
 def load_report(path: str | Path) -> dict:
@@ -85,12 +88,24 @@ def _ratio(value: Any) -> float | None:
     return float("inf") if value == "inf" else float(value)
 
 
-def cell_of(case: dict) -> Cell:
-    """A report's case entry as a table cell."""
-    verdict = case.get("verdict") or ("pass" if case.get("ok") else "invalid" if "error" in case else "fail")
+def parse_verdict(text: Any, source: str | Path, case: str) -> Verdict:
+    """A verdict read from a file (a report, a previous table); one this version does not know is a ``ReportError``."""
+    try:
+        return Verdict(text)
+    except ValueError:
+        known = ", ".join(repr(str(v)) for v in Verdict)
+        raise ReportError(f"{source}: case {case!r}: unknown verdict {text!r} (expected one of {known})") from None
+
+
+def cell_of(case: dict, source: str | Path = "a report") -> Cell:
+    """A report's case entry as a table cell (``source`` names the report in an error)."""
+    if case.get("verdict"):
+        verdict = parse_verdict(case["verdict"], source, case.get("name", "?"))
+    else:  # a report from before verdicts were written
+        verdict = Verdict.PASS if case.get("ok") else Verdict.INVALID if "error" in case else Verdict.FAIL
     worst = case.get("worst") or {}
     label = f"{worst.get('param', '')} {worst.get('a', '')}-{worst.get('b', '')}".strip(" -") if worst else ""
-    digests = {name: digest(run["deltas"]) for name, run in (case.get("engines") or {}).items() if run.get("status") == "ran"}
+    digests = {name: digest(run["deltas"]) for name, run in (case.get("engines") or {}).items() if run.get("status") == Status.RAN}
     return Cell(verdict, _ratio(worst.get("ratio")), label, digests)
 
 
@@ -104,12 +119,12 @@ def aggregate(reports: Iterable[tuple[str, dict]]) -> Table:
             label += "'"
         columns.append(Column(label, str(source), data.get("environment", {})))
         for case in data["cases"]:
-            cells.setdefault(case.get("name", "?"), {})[label] = cell_of(case)
+            cells.setdefault(case.get("name", "?"), {})[label] = cell_of(case, source)
     return Table(columns, sorted(cells), cells)
 
 
-def mark_changes(table: Table, previous: dict) -> None:
-    """Set ``change`` on every cell that differs from the previous table's (its JSON form)."""
+def mark_changes(table: Table, previous: dict, source: str | Path = "the previous table") -> None:
+    """Set ``change`` on every cell that differs from the previous table's (its JSON form, read from ``source``)."""
     table.previous = True
     before = previous.get("cells", {})
     known_columns = {c["label"] for c in previous.get("columns", [])}
@@ -118,7 +133,7 @@ def mark_changes(table: Table, previous: dict) -> None:
             old = before.get(case, {}).get(label)
             if old is None:
                 cell.change = "new case" if label in known_columns else None
-            elif old["verdict"] != cell.verdict:
+            elif parse_verdict(old["verdict"], source, case) != cell.verdict:
                 cell.change = f"was {old['verdict']}" + (f" {_ratio_text(old.get('worst_ratio'))}" if old.get("worst_ratio") is not None else "")
             else:
                 moved = sorted(e for e in cell.digests if e in old.get("digests", {}) and old["digests"][e] != cell.digests[e])
@@ -150,8 +165,8 @@ def cell_text(cell: Cell | None, icons: bool = True) -> str:
     if cell is None:
         return ""
     mark = ICON[cell.verdict] if icons else cell.verdict
-    text = f"{mark} {_ratio_text(cell.worst_ratio) if cell.verdict != 'invalid' else '' if not icons else 'invalid'}".strip()
-    if cell.verdict == "fail" and cell.worst:
+    text = f"{mark} {_ratio_text(cell.worst_ratio) if cell.verdict != Verdict.INVALID else '' if not icons else Verdict.INVALID}".strip()
+    if cell.verdict == Verdict.FAIL and cell.worst:
         text += f" ({cell.worst})"
     return f"**{text}** 🔺 {cell.change}" if cell.change else text
 

@@ -1,9 +1,10 @@
 """When engines disagree: the first quantity that diverges, the engine to blame, and hints.
 
-The computation is walked in the order it runs: each layer's Z and A (forward), the loss, the
-loss gradient, then backward from the last layer (dZ, dW, db, and the dA it passes down through
-its W to the layer below), and last the update of each parameter. The first quantity on which
-the engines disagree under the case's tolerance is where the fault starts.
+The computation is walked in the order it runs (:func:`manualprop.computation.walk`, which
+``explain`` prints too): each layer's Z and A (forward), the loss, the loss gradient, then backward
+from the last layer (dZ, dW, db, and the dA it passes down through its W to the layer below), and
+last the update of each parameter. The first quantity on which the engines disagree under the
+case's tolerance is where the fault starts.
 
 Who is to blame is decided at that quantity. The oracle (``numeric``: its own forward pass in
 128-bit arithmetic and central differences, :mod:`manualprop.oracle`) has every quantity with
@@ -25,43 +26,17 @@ import numpy as np
 
 from .case import Case
 from .compare import compare, tolerated
+from .computation import Quantity, Step, comparable, value
 from .engines import StepResult
 
 if TYPE_CHECKING:
     from .harness import EngineRun
 
-MEANING = {
-    "Z": "the linear step Z = A_prev @ W + b (the weights, their layout, the bias)",
-    "A": "the activation (forward)",
-    "loss": "the loss value (its formula, reduction or scale)",
-    "loss gradient": "the loss gradient dL/dy (its derivative, reduction or scale)",
-    "dZ": "the activation derivative",
-    "dW": "the kernel gradient dW = A_prev.T @ dZ",
-    "db": "the bias gradient db = dZ summed over the batch",
-    "dA": "backpropagation through this layer's weights, dA_prev = dZ @ W.T (W, its layout)",
-    "delta": "the update p <- p - lr * dL/dp",
-}
 BEFORE = {
     "Z": "", "A": "Z agrees; ", "loss": "the forward pass agrees; ", "loss gradient": "the forward pass and the loss agree; ",
     "dZ": "forward agrees; ", "dW": "forward agrees; ", "db": "forward agrees; ", "dA": "forward agrees; ",
     "delta": "every intermediate agrees; ",
 }
-PHASE = {"Z": "forward", "A": "forward", "loss": "loss", "delta": "update"}
-
-
-@dataclass(frozen=True)
-class Step:
-    """One quantity of the computation: its label, layer (None for the loss) and trace field."""
-
-    label: str
-    layer: int | None
-    field: str  # a LayerTrace field, "loss" or a parameter name for "delta"
-
-    @property
-    def culprit_layer(self) -> int | None:
-        """The layer whose maths produces the quantity: dA of layer i comes from layer i + 1's W."""
-        return self.layer + 1 if self.label == "dA" and self.layer is not None else self.layer
-
 
 @dataclass
 class Diagnosis:
@@ -83,34 +58,8 @@ class Diagnosis:
 
 
 def order(case: Case) -> list[Step]:
-    """Every quantity in the order the computation produces it."""
-    steps: list[Step] = []
-    for i in range(len(case.layers)):
-        steps += [Step("Z", i, "Z"), Step("A", i, "A")]
-    steps.append(Step("loss", None, "loss"))
-    last = len(case.layers) - 1
-    on_logits = case.loss == "categorical_crossentropy"
-    steps.append(Step("loss gradient", last, "dZ" if on_logits else "dA"))
-    for i in reversed(range(len(case.layers))):
-        if not (i == last and on_logits):
-            steps.append(Step("dZ", i, "dZ"))
-        steps += [Step("dW", i, "dW"), Step("db", i, "db")]
-        if i > 0:
-            steps.append(Step("dA", i - 1, "dA"))
-    steps += [Step("delta", None, name) for name in case.parameters()]
-    return steps
-
-
-def value(run: "EngineRun | StepResult", step: Step) -> np.ndarray | None:
-    """The quantity ``step`` from an engine's run (or its StepResult), None where it has none."""
-    result = getattr(run, "result", run)
-    if step.field == "loss":
-        return np.array(result.loss)
-    if step.label == "delta":
-        return result.deltas.get(step.field)
-    if step.layer is None or len(result.trace) <= step.layer:
-        return None
-    return getattr(result.trace[step.layer], step.field)
+    """Every quantity diagnose compares, in the order the computation produces it."""
+    return [q.at for q in comparable(case)]
 
 
 def uncertainty(run: "EngineRun | StepResult", step: Step) -> np.ndarray | float:
@@ -145,12 +94,12 @@ def first_non_finite(case: Case, result: StepResult) -> str | None:
     """Where a NaN or an infinity first appears, in the order of the computation."""
     if np.isfinite(result.loss) and all(np.all(np.isfinite(d)) for d in result.deltas.values()):
         return None  # the trace is looked at only when there is something to locate
-    for step in order(case):
-        found = value(result, step)
+    for q in comparable(case):
+        step, found = q.at, q.value(result)
         if found is not None and not np.all(np.isfinite(found)):
             kind = "nan" if np.any(np.isnan(found)) else "inf"
             where = step.field if step.label in ("delta", "loss") else f"layers.{step.layer}.{step.field}"
-            return f"{kind} first in {where} ({PHASE.get(step.label, 'backward')})"
+            return f"{kind} first in {where} ({q.phase})"
     return None
 
 
@@ -169,7 +118,8 @@ def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") ->
         return None
     distance = {r.engine: oracle_distance(case, r, oracle) for r in runs} if oracle else {}
     unsettled = None  # the first quantity where engines lie apart, each within a precise oracle's tolerance
-    for step in order(case):
+    for q in comparable(case):
+        step = q.at
         values = {r.engine: v for r in runs if (v := value(r, step)) is not None}
         precise = value(oracle, step) if oracle is not None else None
         if len(values) + (precise is not None) < 2 or (precise is not None and np.shape(precise) != np.shape(next(iter(values.values()), precise))):
@@ -179,13 +129,13 @@ def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") ->
         if all(together.values()) and not off:
             continue
         if precise is not None and not off and precise_enough(case, step, precise, uncertainty(oracle, step)):
-            unsettled = unsettled or step  # rounding, which the oracle can judge: look further
+            unsettled = unsettled or q  # rounding, which the oracle can judge: look further
             continue
         verdict = _blame(values, together, off, precise is not None)
-        return _describe(case, step, verdict, values, distance, runs, oracle)
+        return _describe(case, q, verdict, values, distance, runs, oracle)
     if unsettled is not None:
         return _describe(case, unsettled, _Verdict(None, [], "each is within the tolerance of the oracle: rounding"),
-                         {r.engine: value(r, unsettled) for r in runs}, distance, runs, oracle)
+                         {r.engine: value(r, unsettled.at) for r in runs}, distance, runs, oracle)
     return None
 
 
@@ -233,15 +183,14 @@ def where(case: Case, step: Step) -> str:
     return f"layer {i} ({name}" + (f", line {line})" if line else ")")
 
 
-def _describe(case: Case, step: Step, verdict: _Verdict, values: dict, distance: dict, runs: list, oracle) -> Diagnosis:
+def _describe(case: Case, q: Quantity, verdict: _Verdict, values: dict, distance: dict, runs: list, oracle) -> Diagnosis:
     from . import hints
 
-    meaning = MEANING[step.label]
-    if step.label == "loss gradient" and case.loss == "categorical_crossentropy":
-        meaning = "the loss gradient on the logits, dL/dZ = p * sum(t) - t (cross-entropy through softmax)"
+    step, meaning = q.at, q.meaning
     what = {"delta": "the delta", "dA": f"dA (passed down to layer {step.layer})"}.get(step.label, step.label)
     who = f"in {verdict.blamed}" if verdict.blamed else f"between {', '.join(values)}{' and the oracle' if verdict.off else ''} ({verdict.why_not})"
-    sentence = f"{where(case, step)}: {BEFORE[step.label]}{what} differs first {who}: {meaning}"
+    when = "" if step.step is None else f"step {step.step + 1} of {case.steps} (the steps before agree), "
+    sentence = f"{when}{where(case, step)}: {BEFORE.get(step.label, '')}{what} differs first {who}: {meaning}"
     layer = step.culprit_layer
     line = case.line_of(("layers", layer)) if layer is not None else None
     agreeing = [n for n in values if n != verdict.blamed] if verdict.blamed else []

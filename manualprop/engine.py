@@ -1,4 +1,4 @@
-"""The NumPy reference engine: one SGD step of a dense network, written as the maths reads.
+"""The NumPy reference engine: the steps of a dense network, written as the maths reads.
 
 Forward, layer by layer::
 
@@ -10,7 +10,8 @@ Backward, from the loss down::
     dW = A_prev.T @ dZ          db = dZ summed over the batch
     dA_prev = dZ @ W.T
 
-Update: ``p <- p - lr * dL/dp``. Every intermediate is kept in a LayerTrace per layer.
+Update: the case's optimizer (:mod:`manualprop.optimizers`; plain SGD is ``p <- p - lr * dL/dp``),
+once per step, each step on the same batch. Every intermediate is kept in a LayerTrace per layer.
 
 The functions take the activation and loss registries as arguments (the shipped ones by
 default), so a variant engine, a student's or a deliberately faulty one, swaps one function in
@@ -26,8 +27,9 @@ import numpy as np
 from . import losses
 from .activations import ACTIVATIONS, Activation
 from .case import Case
-from .engines import LayerTrace, StepResult
+from .engines import LayerTrace, StepRecord, StepResult
 from .losses import LOSSES, Loss
+from .optimizers import OPTIMIZERS, Optimizer
 
 
 def forward(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS) -> list[LayerTrace]:
@@ -70,16 +72,36 @@ def backward(case: Case, traces: list[LayerTrace], acts: Mapping[str, Activation
             traces[i - 1].dA = trace.dZ @ layer.kernel.T
 
 
-def sgd_deltas(case: Case, traces: list[LayerTrace]) -> dict[str, np.ndarray]:
-    """(p - lr * dL/dp) - p for every parameter, computed in the case's dtype."""
-    lr = case.dtype.type(case.lr)
+def gradients(traces: list[LayerTrace]) -> dict[str, np.ndarray]:
+    """dL/dp for every parameter, by name, kernels (in, out)."""
     grads = {}
     for i, trace in enumerate(traces):
         grads[f"layers.{i}.kernel"] = trace.dW
         if trace.db is not None:
             grads[f"layers.{i}.bias"] = trace.db
-    params = case.parameters()
-    return {name: (params[name] - lr * grads[name]) - params[name] for name in params}
+    return grads
+
+
+def run_steps(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS, loss_fns: Mapping[str, Loss] = LOSSES,
+              optimizers: Mapping[str, Optimizer] = OPTIMIZERS) -> StepResult:
+    """The case's steps: forward, loss, backward and the update, ``case.steps`` times on the same batch."""
+    optimizer = optimizers[case.optimizer]
+    initial = case.parameters()
+    params = dict(initial)
+    state = {name: optimizer.init(p, case.hyper) for name, p in params.items()}
+    history = []
+    for t in range(1, case.steps + 1):
+        current = case.with_parameters(params) if t > 1 else case
+        traces = forward(current, acts)
+        loss = loss_value(current, traces, loss_fns)
+        backward(current, traces, acts, loss_fns)
+        grads = gradients(traces)
+        updated = {name: optimizer.update(p, grads[name], state[name], t, case.lr, case.hyper) for name, p in params.items()}
+        history.append(StepRecord(loss, {n: updated[n] - params[n] for n in params},
+                                  {n: {k: v.copy() for k, v in s.items()} for n, s in state.items()}, traces))
+        params = updated
+    deltas = {name: params[name] - initial[name] for name in initial}
+    return StepResult(loss=history[0].loss, deltas=deltas, trace=history[0].trace, history=history)
 
 
 class NumpyEngine:
@@ -88,14 +110,11 @@ class NumpyEngine:
     name = "numpy"
     activations: Mapping[str, Activation] = ACTIVATIONS
     losses: Mapping[str, Loss] = LOSSES
+    optimizers: Mapping[str, Optimizer] = OPTIMIZERS
 
     def unavailable(self) -> str | None:
         return None
 
     def step(self, case: Case) -> StepResult:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            traces = forward(case, self.activations)
-            loss = loss_value(case, traces, self.losses)
-            backward(case, traces, self.activations, self.losses)
-            deltas = sgd_deltas(case, traces)
-        return StepResult(loss=loss, deltas=deltas, trace=traces)
+            return run_steps(case, self.activations, self.losses, self.optimizers)

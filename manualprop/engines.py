@@ -44,21 +44,36 @@ class LayerTrace:
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # field -> what the engine knows of its error
 
 
+@dataclass
+class StepRecord:
+    """One of several steps: the loss before it, each parameter's change in it (kernels (in, out)),
+    and, where the engine gives them, the optimizer's state after it and the step's trace."""
+
+    loss: float
+    deltas: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # parameter -> state name -> array
+    trace: list[LayerTrace] | None = None
+
+
 class StepResult:
-    """What one step returns: the loss before the step and, per parameter, updated minus initial.
+    """What a run of the case's steps returns: the loss before the first step and, per parameter,
+    its value after the last step minus its value before the first.
 
     ``deltas`` is keyed ``layers.<i>.kernel`` / ``layers.<i>.bias`` with every kernel in the
     (in, out) layout, whatever layout the engine keeps internally. ``trace`` holds each layer's
     intermediates; an engine for which they cost a second pass gives ``trace_factory`` instead,
     and the trace is computed the first time it is read (only a disagreement needs it).
     ``uncertainty`` is what an engine knows of its own error, per delta element (the oracle's).
+    With several steps, ``history`` holds one :class:`StepRecord` per step (``losses`` reads the
+    loss before each); ``trace`` is the first step's.
     """
 
     def __init__(self, loss: float, deltas: dict[str, np.ndarray], trace: list[LayerTrace] | None = None,
                  uncertainty: dict[str, np.ndarray] | None = None, *,
-                 trace_factory: Callable[[], list[LayerTrace]] | None = None):
+                 trace_factory: Callable[[], list[LayerTrace]] | None = None, history: list[StepRecord] | None = None):
         self.loss = loss
         self.deltas = deltas
+        self.history = history or []
         self.uncertainty = uncertainty or {}
         self._trace = trace
         self._trace_factory = trace_factory
@@ -73,6 +88,11 @@ class StepResult:
                 self.trace_error = f"{type(err).__name__}: {err}"
                 self._trace = []
         return self._trace
+
+    @property
+    def losses(self) -> list[float]:
+        """The loss before each step."""
+        return [record.loss for record in self.history] or [self.loss]
 
     def __repr__(self) -> str:
         return f"StepResult(loss={self.loss!r}, deltas={sorted(self.deltas)})"

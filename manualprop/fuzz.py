@@ -29,12 +29,22 @@ from hypothesis import HealthCheck, Phase, find, settings, strategies as st
 from hypothesis.errors import HypothesisWarning, NoSuchExample
 
 from . import engines as registry
+from . import variants
+from .concepts import ACTIVATIONS, LOSSES, OPTIMIZERS
 from .case import case_from_data, parse_case
 from .errors import CaseError
 from .harness import CaseResult, failed, run_case
+from .outcomes import Status
 
-HIDDEN = ["linear", "relu", "tanh", "sigmoid", "leaky_relu"]  # simplest first: Hypothesis shrinks towards the front
-ALPHAS = [0.5, 0.25, 0.1, 0.01, 0.2, 0.3]
+# What is drawn comes from the declarations (manualprop.concepts), in their order: simplest first,
+# as Hypothesis shrinks towards the front.
+HIDDEN = [a.name for a in ACTIVATIONS.values() if not a.last_layer_only]
+LAST_ONLY = [a.name for a in ACTIVATIONS.values() if a.last_layer_only]
+PARAMETER_VALUES = {"alpha": [0.5, 0.25, 0.1, 0.01, 0.2, 0.3]}  # per declared parameter, by name
+# Per declared optimizer hyperparameter, by name (switches are drawn as booleans); simplest first.
+HYPER_VALUES = {"momentum": [0.0, 0.9, 0.5], "weight_decay": [0.0, 0.01, 0.1], "beta1": [0.9, 0.5], "beta2": [0.999, 0.9],
+                "epsilon": [1e-7, 1e-8, 1e-3], "rho": [0.9, 0.99], "initial_accumulator": [0.1, 0.0]}
+MAX_STEPS = 5
 LEARNING_RATES = [0.1, 1.0, 0.01, 0.5, 1e-3, 1e-4]
 WEIGHT_SCALES = [1.0, 0.5, 0.1, 2.0, 0.01, 3.0]
 LOSS_SCALES = [1.0, 0.5, 2.0, 0.1]
@@ -76,38 +86,44 @@ class _Random:
         return self.rng.random() < 0.5
 
 
-def architecture(choose) -> dict:
+def architecture(choose, optimizers: bool = False) -> dict:
     """What a compiled model depends on: dtype, loss, its reduction and scale, and the layers."""
-    loss = choose.sampled_from(["mse", "mae", "categorical_crossentropy"])
+    loss = choose.sampled_from(list(LOSSES))
     arch = {"dtype": choose.sampled_from(["float64", "float32"]),
             "loss": {"name": loss, "reduction": choose.sampled_from(["mean", "sum"]), "scale": choose.sampled_from(LOSS_SCALES)},
             "features": choose.integers(1, 16), "layers": []}
     depth = choose.integers(1, 5)
     for i in range(depth):
         last = i == depth - 1
-        if last and loss == "categorical_crossentropy":
-            activation = "softmax"
+        if last and LOSSES[loss].last_activation:
+            activation = LOSSES[loss].last_activation
         else:
-            activation = choose.sampled_from(HIDDEN + (["softmax"] if last else []))
-        layer: dict = {"units": choose.integers(2 if activation == "softmax" else 1, 16)}  # a softmax of one unit is constant
-        layer["activation"] = {"name": "leaky_relu", "alpha": choose.sampled_from(ALPHAS)} if activation == "leaky_relu" else activation
+            activation = choose.sampled_from(HIDDEN + (LAST_ONLY if last else []))
+        declared = ACTIVATIONS[activation]
+        layer: dict = {"units": choose.integers(1 if declared.elementwise else 2, 16)}  # a softmax of one unit is constant
+        params = {p.name: choose.sampled_from(PARAMETER_VALUES[p.name]) for p in declared.params}
+        layer["activation"] = {"name": activation, **params} if params else activation
         layer["bias"] = not choose.booleans()
         arch["layers"].append(layer)
+    if optimizers:
+        optimizer = OPTIMIZERS[choose.sampled_from(list(OPTIMIZERS))]
+        hyper = {p.name: choose.booleans() if p.kind is bool else choose.sampled_from(HYPER_VALUES[p.name]) for p in optimizer.params}
+        arch["optimizer"] = {"name": optimizer.name, **hyper}
     return arch
 
 
-def pool(size: int, seed: int) -> list[dict]:
+def pool(size: int, seed: int, optimizers: bool = False) -> list[dict]:
     """``size`` architectures from ``seed``, simplest first (Hypothesis shrinks towards the front)."""
     rng = random.Random(seed)
-    found = [architecture(_Random(rng)) for _ in range(size)]
+    found = [architecture(_Random(rng), optimizers) for _ in range(size)]
     return sorted(found, key=lambda a: (len(a["layers"]), sum(l["units"] for l in a["layers"]), a["features"]))
 
 
 @st.composite
-def case_data(draw, architectures: list[dict] | None = None) -> dict:
+def case_data(draw, architectures: list[dict] | None = None, optimizers: bool = False) -> dict:
     """The data of a random case file (what safe YAML of one would give): an architecture, drawn
     afresh or from ``architectures``, then the numbers of this case."""
-    arch = draw(st.sampled_from(architectures)) if architectures else architecture(_Hypothesis(draw))
+    arch = draw(st.sampled_from(architectures)) if architectures else architecture(_Hypothesis(draw), optimizers)
     batch = draw(st.integers(1, 32))
     weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
     layers, fan_in = [], arch["features"]
@@ -122,9 +138,11 @@ def case_data(draw, architectures: list[dict] | None = None) -> dict:
         "loss": dict(arch["loss"]),
         "lr": draw(st.sampled_from(LEARNING_RATES)),
         "inputs": {"random": "uniform", "shape": [batch, arch["features"]], "low": -1.0, "high": 1.0},
-        "targets": {"random": "one_hot"} if arch["loss"]["name"] == "categorical_crossentropy" else {"random": "normal"},
+        "targets": {"random": LOSSES[arch["loss"]["name"]].targets},
         "layers": layers,
     }
+    if "optimizer" in arch:
+        data.update(optimizer=dict(arch["optimizer"]), steps=draw(st.integers(1, MAX_STEPS)))
     return with_known_conventions(data)
 
 
@@ -132,6 +150,12 @@ def with_known_conventions(data: dict) -> dict:
     """Declare the documented differences a case may run into (the canaries), so that they are
     not findings. Coarse on purpose: a float32 case with a tanh layer excuses Keras whether or not
     a unit saturates; the canaries pin each convention exactly."""
+    optimizer = data.get("optimizer")
+    if optimizer is not None:  # Keras's own update formulas where no setting gives the SPEC's (manualprop.variants)
+        hyper = OPTIMIZERS[optimizer["name"]].settings(optimizer)
+        pinned = [v for v in variants.VARIANTS if v.optimizer == optimizer["name"] and v.differs(hyper) and "cases/canaries/" in v.pinned]
+        if pinned:
+            return {**data, "known_differences": {"keras": f"{pinned[0].who}: {pinned[0].formula} ({pinned[0].pinned})"}}
     alphas = [l["activation"]["alpha"] for l in data["layers"] if isinstance(l["activation"], dict)]
     if data["dtype"] == "float64" and any(float(np.float32(a)) != a for a in alphas):
         return {**data, "known_differences": {"keras": LEAKY_FLOAT64}}
@@ -149,8 +173,8 @@ def is_finding(result: CaseResult) -> bool:
     engines produced a NaN or an infinity. A known difference that did not show is not a finding."""
     if result.error is not None:
         return False
-    runs = [r for r in result.runs.values() if r.status != "skipped"]
-    if any(r.status == "error" for r in runs):
+    runs = [r for r in result.runs.values() if r.status != Status.SKIPPED]
+    if any(r.status == Status.ERROR for r in runs):
         return True
     non_finite = [r.non_finite is not None for r in runs]
     if any(non_finite):
@@ -217,21 +241,25 @@ class Runner:
 
 
 def _smaller(data: dict):
-    """Candidate cases one step simpler than ``data``: a layer fewer, a plain loss, one unit,
-    one sample, one feature. Each is a valid case (generated arrays follow the new shapes)."""
+    """Candidate cases one step simpler than ``data``: fewer steps, a layer fewer, a plain loss, one
+    unit, one sample, one feature. Each is a valid case (generated arrays follow the new shapes);
+    the optimizer stays (a difference often lives in it), but its steps go down to the fewest."""
     layers, loss = data["layers"], data["loss"]
+    if data.get("steps", 1) > 1:
+        yield {**data, "steps": 1}
+        yield {**data, "steps": data["steps"] - 1}
     plain_loss = {"name": "mse", "reduction": "mean", "scale": 1.0}
     for i in range(len(layers)):
         if len(layers) > 1:
             rest = [l for j, l in enumerate(layers) if j != i]
-            if loss["name"] != "categorical_crossentropy" or rest[-1]["activation"] == "softmax":
+            if LOSSES[loss["name"]].last_activation in (None, rest[-1]["activation"]):
                 yield {**data, "layers": rest}
             else:
                 yield {**data, "layers": rest, "loss": plain_loss, "targets": {"random": "normal"}}
-    if loss != plain_loss and layers[-1]["activation"] != "softmax":
+    if loss != plain_loss and _name(layers[-1]["activation"]) not in LAST_ONLY:
         yield {**data, "loss": plain_loss, "targets": {"random": "normal"}}
     for i, layer in enumerate(layers):
-        smallest = 2 if layer["activation"] == "softmax" else 1
+        smallest = 1 if ACTIVATIONS[_name(layer["activation"])].elementwise else 2
         if layer["units"] > smallest:
             yield {**data, "layers": [*layers[:i], {**layer, "units": smallest}, *layers[i + 1:]]}
     batch, features = data["inputs"]["shape"]
@@ -239,6 +267,10 @@ def _smaller(data: dict):
         yield {**data, "inputs": {**data["inputs"], "shape": [1, features]}}
     if features > 1:
         yield {**data, "inputs": {**data["inputs"], "shape": [batch, 1]}}
+
+
+def _name(activation: str | dict) -> str:
+    return activation["name"] if isinstance(activation, dict) else activation
 
 
 def reduce_structure(data: dict, still_fails: Callable[[dict], bool]) -> dict:
@@ -316,13 +348,18 @@ def write_case(data: dict, out: Path, header: list[str], explain: Callable[[str,
 
 
 def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
-         progress: Callable[[Summary], None] | None = None, architectures: int | None = None) -> Summary:
+         progress: Callable[[Summary], None] | None = None, architectures: int | None = None,
+         optimizers: bool = False) -> Summary:
     """Run ``n`` random cases; write each distinct finding, minimised, to ``out``.
 
     Every case has an architecture of its own, unless ``architectures`` asks for a pool of that
     many: Keras then reuses its compiled models (a new architecture costs it a model build and a
-    traced step, 0.1 to 0.3 s), and shrinking goes to the simplest architecture of the pool."""
-    choices = pool(architectures, seed) if architectures else None
+    traced step, 0.1 to 0.3 s), and shrinking goes to the simplest architecture of the pool.
+    ``optimizers`` draws the optimizer, its hyperparameters and 1 to MAX_STEPS steps too; off by
+    default, as the tolerance does not yet account for an update normalized by sqrt(v) (Adam,
+    RMSprop, Adagrad) turning the rounding of a gradient that cancels to zero into a delta of
+    order lr * u / epsilon: such a case is a false alarm, not a finding."""
+    choices = pool(architectures, seed, optimizers) if architectures else None
     names = list(engines) if engines else [e for e in registry.default_names() if registry.get(e).unavailable() is None]
     summary = Summary()
     rng = random.Random(seed)
@@ -336,7 +373,7 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
             with warnings.catch_warnings():
                 # TensorFlow raises the recursion limit when it is imported, mid-run: harmless here.
                 warnings.filterwarnings("ignore", "The recursion limit will not be reset", HypothesisWarning)
-                found = find(case_data(choices), runner, settings=config, random=rng)
+                found = find(case_data(choices, optimizers), runner, settings=config, random=rng)
         except NoSuchExample:
             break
         fails = lambda d: is_finding(runner.result(d) or CaseResult(""))  # noqa: E731
@@ -353,7 +390,7 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
             result = run_case(parse_case(text, where, known_engines=runner.known), names)
             return result.diagnosis.sentence if result.diagnosis else "the engines disagree"
 
-        flags = f" --architectures {architectures}" if architectures else ""
+        flags = (f" --architectures {architectures}" if architectures else "") + (" --optimizers" if optimizers else "")
         header = [f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
                   "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed."]
         path = write_case(minimal, out, header, explain)

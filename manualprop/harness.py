@@ -20,6 +20,7 @@ from .compare import Comparison, compare, missing
 from .diagnose import Diagnosis, Step, diagnose, diagnose_expected, first_non_finite, precise_enough
 from .engines import StepResult
 from .errors import CaseError, format_path
+from .outcomes import Status, Verdict
 
 CASE_SUFFIXES = (".yaml", ".yml")
 
@@ -29,7 +30,7 @@ class EngineRun:
     """One engine on one case: ``ran`` with a result, ``skipped`` or ``error`` with a reason."""
 
     engine: str
-    status: str
+    status: Status
     result: StepResult | None = None
     reason: str | None = None
     seconds: float = 0.0
@@ -55,23 +56,23 @@ class CaseResult:
     def ok(self) -> bool:
         return (
             self.error is None
-            and all(run.status != "error" and not run.non_finite for run in self.runs.values())
+            and all(run.status != Status.ERROR and not run.non_finite for run in self.runs.values())
             and not any(failed(c) for c in [*self.comparisons, *self.expected])
             and not self.notes
         )
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         """pass, fail, known, non-finite, invalid, or "not compared" (fewer than two engines, no golden values)."""
         if self.error is not None:
-            return "invalid"
+            return Verdict.INVALID
         if any(run.non_finite for run in self.runs.values()):
-            return "non-finite"
+            return Verdict.NON_FINITE
         if not self.ok:
-            return "fail"
+            return Verdict.FAIL
         if any(is_known(c) for c in [*self.comparisons, *self.expected]):
-            return "known"
-        return "pass" if self.compared else "not compared"
+            return Verdict.KNOWN
+        return Verdict.PASS if self.compared else Verdict.NOT_COMPARED
 
     @property
     def compared(self) -> bool:
@@ -93,7 +94,7 @@ class CaseResult:
 
     @property
     def ran(self) -> list[str]:
-        return [name for name, run in self.runs.items() if run.status == "ran"]
+        return [name for name, run in self.runs.items() if run.status == Status.RAN]
 
 
 def bundled_cases() -> Path:
@@ -153,14 +154,14 @@ def run_engine(case: Case, name: str) -> EngineRun:
     engine = engines.get(name)
     reason = engine.unavailable()
     if reason:
-        return EngineRun(name, "skipped", reason=reason)
+        return EngineRun(name, Status.SKIPPED, reason=reason)
     start = time.perf_counter()
     try:
         result = engine.step(case)
     except Exception as err:  # an engine's failure is an outcome to report, not a crash
         reason = f"crashed {crash_site(err, engine)}: {type(err).__name__}: {err}"
-        return EngineRun(name, "error", reason=reason, seconds=time.perf_counter() - start)
-    return EngineRun(name, "ran", result=result, seconds=time.perf_counter() - start,
+        return EngineRun(name, Status.ERROR, reason=reason, seconds=time.perf_counter() - start)
+    return EngineRun(name, Status.RAN, result=result, seconds=time.perf_counter() - start,
                      non_finite=first_non_finite(case, result))
 
 
@@ -227,7 +228,7 @@ def oracle_for(case: Case, runs: dict[str, EngineRun], cache: dict | None = None
             oracle = run_engine(case, engines.ORACLE)
             if cache is not None:
                 cache[key] = oracle
-    return oracle if oracle is not None and oracle.status == "ran" else None
+    return oracle if oracle is not None and oracle.status == Status.RAN else None
 
 
 def settle(case: Case, comparisons: list[Comparison], runs: dict[str, EngineRun], oracle: EngineRun | None) -> list[Comparison]:
@@ -243,7 +244,7 @@ def settle(case: Case, comparisons: list[Comparison], runs: dict[str, EngineRun]
 
 def _judged(case: Case, c: Comparison, runs: dict[str, EngineRun], oracle: EngineRun) -> Comparison:
     a, b = runs.get(c.a), runs.get(c.b)
-    if a is None or b is None or a.status != "ran" or b.status != "ran":
+    if a is None or b is None or a.status != Status.RAN or b.status != Status.RAN:
         return c
     if c.param == "loss":
         values, precise, uncertainty, initial = (a.result.loss, b.result.loss), oracle.result.loss, 0.0, None
@@ -298,7 +299,7 @@ def golden_diagnosis(case: Case, expected: list[Comparison], contenders: list[En
 
 def crash_finding(result: "CaseResult") -> Diagnosis | None:
     """An engine that crashed, as a finding: the engine, where it crashed, the exception's message."""
-    crashed = [run for run in result.runs.values() if run.status == "error"]
+    crashed = [run for run in result.runs.values() if run.status == Status.ERROR]
     if not crashed:
         return None
     first = crashed[0]
@@ -309,7 +310,7 @@ def crash_finding(result: "CaseResult") -> Diagnosis | None:
 
 def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
     """The loss and every parameter's delta of two engines that ran, under the case's tolerance."""
-    results = [compare("loss", a.engine, np.array(a.result.loss), b.engine, np.array(b.result.loss), case.rtol, case.atol)]
+    results = [compare("loss", a.engine, _losses(case, a.result), b.engine, _losses(case, b.result), case.rtol, case.atol)]
     for param, initial in case.parameters().items():
         da, db = a.result.deltas.get(param), b.result.deltas.get(param)
         if da is None or db is None:
@@ -319,6 +320,11 @@ def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
         results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial, allowance=allowance,
                                shown_as=case.shown_as(param)))
     return [_located(case, c, _field_of(case.shown_as(c.param))) for c in results]
+
+
+def _losses(case: Case, result: StepResult) -> np.ndarray:
+    """The loss before the step; with several steps, the loss before each (index k: step k + 1)."""
+    return np.array(result.loss) if case.steps == 1 else np.array(result.losses)
 
 
 def _field_of(param: str) -> tuple:
@@ -338,11 +344,12 @@ def _located(case: Case, c: Comparison, field: tuple) -> Comparison:
 def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
     """One engine's loss, updated parameters and deltas against the case's golden values."""
     exp = case.expected
-    if exp is None or run.status != "ran":
+    if exp is None or run.status != Status.RAN:
         return []
     results = []
     if exp.loss is not None:
-        results.append(compare("loss", run.engine, np.array(run.result.loss), "expected", np.array(exp.loss), exp.rtol, exp.atol))
+        got = np.array(run.result.losses) if isinstance(exp.loss, list) else np.array(run.result.loss)
+        results.append(compare("loss", run.engine, got, "expected", np.array(exp.loss), exp.rtol, exp.atol))
     params = case.parameters()
     for kind, table in (("updated", exp.updated), ("deltas", exp.deltas)):
         for param, value in table.items():

@@ -2,7 +2,10 @@
 
 Every hint is tied to where the divergence starts (a :class:`~manualprop.diagnose.Step`): a
 loss-reduction factor only when the loss or its gradient is the first quantity to differ, an
-update factor only when every intermediate agrees, a slope at the activation. A constant factor
+update factor only when every intermediate agrees, a slope at the activation, a framework's own
+optimizer formula (:mod:`manualprop.variants`) at the delta when the case replayed with it gives
+the blamed engine's deltas (that hint then stands alone: a factor between the deltas is the
+formula's). A constant factor
 is named only when it differs from 1 by far more than the tolerance (100 times rtol), with the
 parameters or the quantity it holds on; it is estimated from the elements whose value is large
 against the dtype's rounding, so that float32 rounding of small deltas does not hide it.
@@ -15,8 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import variants
 from .case import Case
-from .compare import compare
+from .compare import DEFAULT_TOLERANCE, compare
+from .concepts import LOSSES
 from .diagnose import Step, value
 
 if TYPE_CHECKING:
@@ -168,7 +173,7 @@ def _saturation_hint(case: Case, step: Step, culprit: "EngineRun", reference: "E
 
 
 def _cross_entropy_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
-    if case.loss != "categorical_crossentropy" or step.label not in ("loss gradient", "dW", "db", "delta"):
+    if not LOSSES[case.loss].on_logits or step.label not in ("loss gradient", "dW", "db", "delta"):
         return []
     found = []
     if not np.allclose(case.targets.sum(axis=1), 1.0):
@@ -183,9 +188,45 @@ def _cross_entropy_hints(case: Case, step: Step, culprit: "EngineRun", reference
     return found
 
 
-RULES = [_ratio_hints, _layout_hints, _leaky_hint, _saturation_hint, _cross_entropy_hints]
+def _optimizer_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+    """Deltas that follow a framework's optimizer where it computes otherwise than the SPEC
+    (:mod:`manualprop.variants`): the case replayed through the NumPy engine with that update gives
+    the culprit's deltas on every parameter, and lies outside the tolerance of the reference's."""
+    if step.label != "delta" or culprit.result is None or reference.result is None:
+        return []
+    params, mine, spec = case.parameters(), culprit.result.deltas, reference.result.deltas
+    found = []
+    for variant in variants.of(case):
+        replayed = variant.replay(case).deltas
+        if not all(n in mine and compare(n, "a", mine[n], "b", replayed[n], case.rtol, case.atol, reference=p).ok
+                   for n, p in params.items()):
+            continue
+        apart = [compare(n, "variant", replayed[n], "spec", spec[n], case.rtol, case.atol, reference=p)
+                 for n, p in params.items() if n in spec]
+        worst = max(apart, key=lambda c: c.worst_ratio, default=None)
+        if worst is None or worst.ok:
+            continue  # the variant gives the SPEC's deltas here: it explains nothing
+        size = (f"they differ from the SPEC's by up to {worst.max_rel_diff:.2g} relative ({case.shown_as(worst.param)}), "
+                f"{worst.worst_ratio:.3g} times the case's tolerance")
+        if case.dtype != np.float32:
+            rtol, atol = DEFAULT_TOLERANCE["float32"]
+            if all(compare(n, "variant", replayed[n], "spec", spec[n], rtol, atol, reference=p).ok for n, p in params.items() if n in spec):
+                size += f", within float32's default tolerance (rtol {rtol:g})"
+        detail = variant.detail(case.hyper)
+        found.append(f"{culprit.engine}'s deltas follow {variant.who}: {variant.formula}"
+                     + (f" ({detail})" if detail else "") + f"; {size}; {variant.pinned}")
+    return found
+
+
+RULES = [_optimizer_hints, _ratio_hints, _layout_hints, _leaky_hint, _saturation_hint, _cross_entropy_hints]
+# Rules whose hint reproduces the difference itself: when one fits, the patterns the others look
+# for (a factor between two deltas, say) are that formula's and are left out.
+EXPLAINING = (_optimizer_hints,)
 
 
 def hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
     """Every hint that fits how ``culprit`` differs from ``reference`` where the divergence starts."""
-    return [h for rule in RULES for h in rule(case, step, culprit, reference)]
+    for rule in EXPLAINING:
+        if explained := rule(case, step, culprit, reference):
+            return explained
+    return [h for rule in RULES if rule not in EXPLAINING for h in rule(case, step, culprit, reference)]

@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .concepts import LOSS_ALIASES
+
 Array = np.ndarray
 
 
@@ -50,7 +52,7 @@ LOSSES: dict[str, Loss] = {
     ),
 }
 
-ALIASES: dict[str, str] = {"cce": "categorical_crossentropy"}
+ALIASES = LOSS_ALIASES  # declared in manualprop.concepts
 
 REDUCTIONS = ("mean", "sum")
 

@@ -27,6 +27,7 @@ from . import engines, harness
 from .case import Case, load_case
 from .compare import Comparison
 from .errors import CaseError
+from .outcomes import Status
 
 DEFAULT_FILES = "*.case.yaml *.case.yml"
 _RESULTS = pytest.StashKey[dict]()  # case path -> CaseResult, per process (per pytest-xdist worker)
@@ -75,7 +76,7 @@ def case_result(config: pytest.Config, case: Case) -> harness.CaseResult:
 
 def _write_deltas(folder: Path, result: harness.CaseResult) -> None:
     for name, run in result.runs.items():
-        if run.status == "ran" and name != engines.ORACLE:
+        if run.status == Status.RAN and name != engines.ORACLE:
             folder.mkdir(parents=True, exist_ok=True)
             deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.result.deltas.items())}
             (folder / f"{name}.json").write_text(json.dumps(deltas), encoding="utf-8")
@@ -145,9 +146,9 @@ class _CaseItem(pytest.Item):
 
 
 def _needed(run: harness.EngineRun) -> None:
-    if run.status == "skipped":
+    if run.status == Status.SKIPPED:
         pytest.skip(f"{run.engine}: {run.reason}")
-    if run.status == "error":
+    if run.status == Status.ERROR:
         raise CaseFailure(f"{run.engine} {run.reason}")
     if run.non_finite:
         raise CaseFailure(f"{run.engine} produced a non-finite value: {run.non_finite}")
@@ -174,9 +175,9 @@ class ExpectedItem(_CaseItem):
         result = self.result()
         runs = [result.runs[n] for n in self.engines]
         for run in runs:
-            if run.status != "skipped":
+            if run.status != Status.SKIPPED:
                 _needed(run)  # a crash or a non-finite value fails, as in manualprop run
-        if not any(run.status == "ran" for run in runs):
+        if not any(run.status == Status.RAN for run in runs):
             pytest.skip("no engine ran to check the golden values against: " + "; ".join(f"{r.engine}: {r.reason}" for r in runs))
         self.known(result, result.expected)
         groups = harness.golden_groups(result)

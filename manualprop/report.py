@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import format_path
 from .harness import CaseResult, EngineRun
+from .outcomes import Status, Verdict
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -26,14 +27,16 @@ def _finite_or_text(value: Any) -> Any:
 
 
 def _engine_json(run: EngineRun) -> dict:
-    if run.status != "ran":
+    if run.status != Status.RAN:
         return {"status": run.status, "reason": run.reason}
     entry = {
-        "status": "ran",
+        "status": Status.RAN,
         "loss": run.result.loss,
         "deltas": {name: np.asarray(delta, dtype=np.float64).tolist() for name, delta in run.result.deltas.items()},
         "seconds": round(run.seconds, 6),
     }
+    if len(run.result.history) > 1:
+        entry["losses"] = run.result.losses  # the loss before each step (SPEC section 7)
     return entry | ({"non_finite": run.non_finite} if run.non_finite else {})
 
 
@@ -64,7 +67,7 @@ def case_json(result: CaseResult) -> dict:
         "ok": result.ok and result.compared,  # nothing compared is never reported as passed
         "verdict": result.verdict,
         "compared": result.compared,
-        **({"not_compared": result.why_not_compared()} if result.verdict == "not compared" else {}),
+        **({"not_compared": result.why_not_compared()} if result.verdict == Verdict.NOT_COMPARED else {}),
         # Every array here is (in, out) (SPEC section 2); this says how the case file wrote each kernel.
         "layout": {param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
                    for param in case.parameters() if param.endswith(".kernel")},
@@ -85,7 +88,7 @@ def build(results: Iterable[CaseResult], environment: dict, label: str | None = 
     cases = [case_json(r) for r in results]
     counts = Counter(r.verdict for r in results)
     compared = any(r.compared for r in results)
-    ok = compared and not any(v in ("fail", "non-finite", "invalid") for v in counts)
+    ok = compared and not any(v.failing for v in counts)
     report = {"ok": ok, "compared": compared, "counts": dict(sorted(counts.items())), "environment": environment, "cases": cases}
     return report if label is None else {"label": label, **report}
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, create_model
 
-ActivationName = Literal["linear", "sigmoid", "tanh", "relu", "leaky_relu", "softmax"]
-LossName = Literal["mse", "mae", "categorical_crossentropy", "cce"]
+from .concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
+
+# The names come from the declarations (manualprop.concepts), never listed here.
+ActivationName = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
+LossName = Literal[(*LOSSES, *LOSS_ALIASES)]  # type: ignore[valid-type]
 InitName = Literal[
     "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros"
 ]
@@ -76,11 +79,14 @@ BiasValue = Annotated[
 ]
 
 
-class ActivationSpec(_Strict):
-    """An activation with its parameter: ``{name: leaky_relu, alpha: 0.1}``."""
-
-    name: ActivationName
-    alpha: Optional[float] = None
+# An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``. Every declared parameter
+# of any activation may be written here; which belongs to which, and which is required, is
+# checked in manualprop.case against the declaration.
+ActivationSpec = create_model(
+    "ActivationSpec", __base__=_Strict, __doc__="An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``.",
+    name=(ActivationName, ...),
+    **{p.name: (Optional[float], Field(None, description=p.meaning)) for a in ACTIVATIONS.values() for p in a.params},
+)
 
 
 def _spec_kind(value: Any) -> str:
@@ -104,6 +110,33 @@ class LossSpec(_Strict):
 LossValue = Annotated[
     Union[Annotated[LossName, Tag("by-name")], Annotated[LossSpec, Tag("by-spec")]],
     Discriminator(_spec_kind),
+]
+
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+_OPTIMIZER_PARAMS = {p.name: p for o in OPTIMIZERS.values() for p in o.params}
+
+# An optimizer with its hyperparameters: ``{name: adam, epsilon: 1.0e-8}``. Every declared
+# hyperparameter of any optimizer may be written here; which belongs to which, and which is
+# required, is checked in manualprop.case against the declaration.
+OptimizerSpec = create_model(
+    "OptimizerSpec", __base__=_Strict, __doc__="An optimizer with its hyperparameters (SPEC section 7).",
+    name=(OptimizerName, ...),
+    **{p.name: (Optional[p.kind], Field(None, description=p.meaning)) for p in _OPTIMIZER_PARAMS.values()},
+)
+
+OptimizerValue = Annotated[
+    Union[Annotated[OptimizerName, Tag("by-name")], Annotated[OptimizerSpec, Tag("by-spec")]],
+    Discriminator(_spec_kind),
+]
+
+
+def _loss_kind(value: Any) -> str:
+    return "per-step" if isinstance(value, list) else "number"
+
+
+GoldenLoss = Annotated[
+    Union[Annotated[float, Tag("number")], Annotated[Annotated[list[float], Field(min_length=1)], Tag("per-step")]],
+    Discriminator(_loss_kind),
 ]
 
 
@@ -132,14 +165,14 @@ class LayerSpec(_Strict):
 class ExpectedSpec(_Strict):
     """Golden values from a trusted source, checked against every engine that ran."""
 
-    loss: Optional[float] = None
+    loss: Optional[GoldenLoss] = Field(None, description="the loss before the step, or a list: before each step")
     updated: dict[str, LiteralArray] = Field(default_factory=dict)
     deltas: dict[str, LiteralArray] = Field(default_factory=dict)
     tolerance: Optional[Tolerance] = None
 
 
 class CaseSpec(_Strict):
-    """A manualprop case: a dense network, its data, a loss and one plain SGD step."""
+    """A manualprop case: a dense network, its data, a loss, an optimizer and the steps it takes."""
 
     model_config = ConfigDict(title="manualprop case")
 
@@ -149,6 +182,8 @@ class CaseSpec(_Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     loss: LossValue
     lr: Annotated[float, Field(gt=0)]
+    optimizer: OptimizerValue = "sgd"
+    steps: Annotated[int, Field(ge=1, le=1000)] = 1
     inputs: ArrayValue
     targets: ArrayValue
     layers: Annotated[list[LayerSpec], Field(min_length=1)]
@@ -160,10 +195,10 @@ class CaseSpec(_Strict):
 
 
 # Names pydantic puts in an error's location for a union branch, not a field of the file.
-UNION_TAGS = frozenset({"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot"})
+UNION_TAGS = frozenset({"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot", "number", "per-step"})
 
 FIELD_NAMES = sorted(
-    {name for model in (Uniform, Normal, OneHot, ActivationSpec, LossSpec, Tolerance, LayerSpec, ExpectedSpec, CaseSpec)
+    {name for model in (Uniform, Normal, OneHot, ActivationSpec, LossSpec, OptimizerSpec, Tolerance, LayerSpec, ExpectedSpec, CaseSpec)
      for name in model.model_fields}
 )
 
@@ -174,6 +209,7 @@ KEYS_UNDER: dict[object, list[str]] = {
     int: list(LayerSpec.model_fields),
     "activation": list(ActivationSpec.model_fields),
     "loss": list(LossSpec.model_fields),
+    "optimizer": list(OptimizerSpec.model_fields),
     "tolerance": list(Tolerance.model_fields),
     "expected": list(ExpectedSpec.model_fields),
     **{key: _GENERATED_KEYS for key in ("inputs", "targets", "kernel", "weight", "bias")},

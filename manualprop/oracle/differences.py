@@ -14,45 +14,105 @@ error, |f'''| h^2 / 6, lies far below it. Where the loss has a kink within h of 
 leaky_relu at exactly 0, mae where y = t) the bend is the jump of the slope there, so every
 one-sided convention an engine may follow lies within the uncertainty. The rounding term holds
 for 128-bit evaluations good to 2^-120 relative (eight bits spare): about 1e-20 |L| in all.
+
+From the second step on, the parameters the oracle has reached are themselves uncertain (within
+r of the exact trajectory's), and so is the gradient taken there: :func:`drift` estimates how far
+it may move, |H| r with H the Hessian, from the gradient at two shifted points.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gmpy2
 import numpy as np
+
+from .maths import to_float64
 
 STEP = gmpy2.mpfr(2) ** -60
 ROUNDING = gmpy2.mpfr(2) ** -120
 FLOAT64 = 2.0**-52
 
 
-def central(loss: Callable[[object], object], x: object, base: object) -> tuple[object, float]:
-    """dL/dx at ``x`` by a central difference, and its uncertainty; ``base`` is L(x)."""
+def central_bound(loss: Callable[[object], object], x: object, base: object) -> tuple[object, object]:
+    """dL/dx at ``x`` by a central difference, and its uncertainty in MPFR (the bend and the
+    rounding of the evaluations, without rounding to float64); ``base`` is L(x)."""
     h = STEP * (1 + abs(x))
     up, down = loss(x + h), loss(x - h)
     slope = (up - down) / (2 * h)
     bend = abs(up - 2 * base + down) / h
     rounding = ROUNDING * (abs(up) + abs(down) + 2 * abs(base)) / h
-    return slope, float(bend + rounding) + FLOAT64 * abs(float(slope))
+    return slope, bend + rounding
 
 
-def gradient(values: np.ndarray, loss_with: Callable[[np.ndarray], object], base: object) -> tuple[np.ndarray, np.ndarray]:
-    """dL/d(values) element by element: ``loss_with(values)`` is L with ``values`` in place.
+def central(loss: Callable[[object], object], x: object, base: object) -> tuple[object, float]:
+    """dL/dx at ``x`` by a central difference, and its uncertainty as a float64 value is stated."""
+    slope, error = central_bound(loss, x, base)
+    return slope, float(error) + FLOAT64 * abs(float(slope))
+
+
+def stated(grad: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """The uncertainty of a gradient rounded to float64: its own (MPFR) plus that rounding."""
+    return to_float64(error) + FLOAT64 * np.abs(to_float64(grad))
+
+
+def gradient(values: np.ndarray, loss_at: Callable[[tuple], object], base: object) -> tuple[np.ndarray, np.ndarray]:
+    """dL/d(values) element by element: ``loss_at(index)`` is L with ``values`` as they stand,
+    their element ``index`` moved.
 
     ``values`` (an object array of MPFR numbers) is changed one element at a time and restored.
-    Returns the gradient (MPFR numbers) and its uncertainty (float64).
+    Returns the gradient and its uncertainty (:func:`central_bound`), both MPFR object arrays.
     """
     grad = np.empty(values.shape, dtype=object)
-    uncertainty = np.zeros(values.shape)
+    uncertainty = np.empty(values.shape, dtype=object)
     for index in np.ndindex(values.shape):
         x = values[index]
 
         def loss(moved, index=index):
             values[index] = moved
-            return loss_with(values)
+            return loss_at(index)
 
-        grad[index], uncertainty[index] = central(loss, x, base)
+        grad[index], uncertainty[index] = central_bound(loss, x, base)
         values[index] = x
     return grad, uncertainty
+
+
+PROBE = 2.0**-30  # how far a probe moves the widest-bounded parameter, relative to 1 + |p|
+SPREAD = 2  # the safety factor on the probes' largest change, before sqrt(n_eff)
+
+
+def drift(gradient_at: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]],
+          params: dict[str, np.ndarray], radius: dict[str, np.ndarray],
+          here: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[str, np.ndarray]:
+    """How far dL/dp may move when the parameters move anywhere within ``radius`` of ``params``.
+
+    ``gradient_at(params)`` gives (gradient, uncertainty) per parameter, ``here`` is its value at
+    ``params``. Two probes move every parameter by K * radius, one with every sign +, one with
+    seeded random signs, K a power of two that brings the widest move to ``PROBE`` (1 + |p|) (at
+    least 1); the change of the gradient over K estimates H (radius * signs), H the Hessian. The
+    bound is ``SPREAD sqrt(n_eff)`` times the larger change, n_eff = (sum r)^2 / sum r^2 the
+    number of parameters the radii effectively spread over (a sum of n signed terms is about
+    sqrt(n) times smaller than the sum of their sizes), plus the probes' own uncertainty over K.
+    An estimate, not a proof: a row of the Hessian whose terms cancel in both probes would be
+    underestimated.
+    """
+    widest = max((float(np.max(r / (1 + np.abs(params[name])))) for name, r in radius.items()), default=0.0)
+    if not np.isfinite(widest):  # parameters that may lie anywhere: so may the gradient
+        return {name: 0 * r + gmpy2.inf() for name, r in radius.items()}
+    if not widest > 0:
+        return {name: 0 * r for name, r in radius.items()}
+    scale = gmpy2.mpfr(2) ** max(0, int(np.floor(np.log2(PROBE / widest))))
+    sizes = np.concatenate([to_float64(r).ravel() for r in radius.values()])
+    sizes = sizes / sizes.max() if sizes.max() > 0 else np.ones_like(sizes)
+    spread = SPREAD * float(np.sqrt(sizes.sum() ** 2 / np.square(sizes).sum()))
+    rng = np.random.default_rng(seed)
+    change = {name: 0 * r for name, r in radius.items()}
+    noise = dict(change)
+    for random_signs in (False, True):
+        signs = {name: rng.choice([-1, 1], size=r.shape) if random_signs else np.ones(r.shape, dtype=int) for name, r in radius.items()}
+        moved = gradient_at({name: params[name] + scale * signs[name] * radius[name] for name in radius})
+        for name, (grad, error) in here.items():
+            other, other_error = moved[name]
+            change[name] = np.maximum(change[name], np.abs(other - grad) / scale)
+            noise[name] = np.maximum(noise[name], (error + other_error) / scale)
+    return {name: spread * change[name] + noise[name] for name in radius}

@@ -15,11 +15,13 @@ anywhere: gradients come from :mod:`manualprop.oracle.differences`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import gmpy2
 import numpy as np
+
+from ..concepts import LOSSES
 
 PRECISION = 128  # bits of mantissa
 CONTEXT = gmpy2.context(precision=PRECISION)
@@ -65,7 +67,6 @@ SAMPLE_TERMS: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
     "mae": lambda y, t: np.frompyfunc(abs, 1, 1)(y - t).sum(axis=-1),
     "categorical_crossentropy": lambda y, t: -(t * np.frompyfunc(gmpy2.log, 1, 1)(y)).sum(axis=-1),
 }
-PER_ELEMENT = {"mse": True, "mae": True, "categorical_crossentropy": False}  # what a mean divides by
 
 
 @dataclass
@@ -97,13 +98,19 @@ class Network:
     scale: float
 
     @classmethod
-    def of(cls, case) -> "Network":
+    def of(cls, case) -> Network:
         layers = [Dense(exact(l.kernel), None if l.bias is None else exact(l.bias), l.activation, l.alpha) for l in case.layers]
         return cls(layers, exact(case.inputs), exact(case.targets), case.loss, case.reduction, case.scale)
 
+    def with_parameters(self, params: dict[str, np.ndarray]) -> Network:
+        """The same network with other parameter values in MPFR, by name (kernels (in, out))."""
+        layers = [replace(layer, W=params[f"layers.{i}.kernel"], b=params.get(f"layers.{i}.bias", layer.b))
+                  for i, layer in enumerate(self.layers)]
+        return replace(self, layers=layers)
+
     def factor(self) -> gmpy2.mpfr:
         """scale / count for a mean (count: every element, or every sample for cross-entropy), else scale."""
-        count = self.targets.size if PER_ELEMENT[self.loss] else self.targets.shape[0]
+        count = self.targets.size if LOSSES[self.loss].per == "element" else self.targets.shape[0]  # what a mean divides by
         return gmpy2.mpfr(self.scale) / (count if self.reduction == "mean" else 1)
 
     def forward(self) -> list[tuple[np.ndarray, np.ndarray]]:

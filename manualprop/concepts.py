@@ -1,0 +1,138 @@
+"""Every activation, loss and optimizer, declared once: its name, its parameters with their
+defaults, and what the other modules need to know of it.
+
+The schema (the names a case file may use), case loading (required parameters, where a concept
+may stand), the fuzzer (what it draws), ``explain`` and the hints read these declarations; they
+never list names. The maths lives beside its engine, keyed by the same name: the NumPy reference
+in :mod:`manualprop.activations` and :mod:`manualprop.losses`, the oracle's in
+:mod:`manualprop.oracle.maths`, PyTorch's modules and Keras's objects in their adapters. A test
+(tests/test_concepts.py) walks every declaration and every built-in engine, so an engine that
+forgets one fails it.
+
+Adding an activation: declare it here, then give its maths in activations.py and
+oracle/maths.py and its builder in adapters/torch_engine.py and adapters/keras_engine.py.
+A parameter whose default differs between the frameworks has no default (``default=None``):
+the case file must write it, and ``frameworks`` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Param:
+    """A hyperparameter of a concept, as the case file writes it."""
+
+    name: str
+    default: float | bool | None  # None: no default here, the case must write it
+    meaning: str
+    frameworks: str = ""  # the frameworks' defaults, where they differ
+    kind: type = float  # float, or bool for a switch (nesterov, amsgrad, centered)
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+
+@dataclass(frozen=True)
+class Activation:
+    """``A = f(Z)``, element by element unless ``elementwise`` is false."""
+
+    name: str
+    formula: str  # f and f', as explain and the README show them
+    params: tuple[Param, ...] = ()
+    elementwise: bool = True
+    last_layer_only: bool = False
+
+    def shown(self, values: dict[str, float]) -> str:
+        """The name with its parameters, as a reader sees it: ``leaky_relu, alpha 0.1``."""
+        return ", ".join([self.name, *(f"{p.name} {values[p.name]:g}" for p in self.params if p.name in values)])
+
+
+@dataclass(frozen=True)
+class Loss:
+    """``L = scale * reduce(terms(y, t))``, reduced over every element or over samples."""
+
+    name: str
+    formula: str  # the terms and their gradient
+    per: str  # "element" (MSE, MAE: a mean divides by every element) or "sample"
+    on_logits: bool = False  # y is the last pre-activation Z, the last layer's activation taken inside the loss
+    last_activation: str | None = None  # the activation the last layer must have
+    targets: str = "normal"  # how the fuzzer draws its targets: a generator of the case file (normal, one_hot)
+    aliases: tuple[str, ...] = ()
+    params: tuple[Param, ...] = field(default=())
+
+
+SLOPE = Param("alpha", None, "slope", "PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3")
+
+# In this order the fuzzer draws them, simplest first (Hypothesis shrinks towards the front).
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in [
+    Activation("linear", "f(z) = z, f'(z) = 1"),
+    Activation("relu", "f(z) = max(0, z), f'(z) = 1 where z > 0 else 0"),
+    Activation("tanh", "f(z) = tanh z, f'(z) = 1 - a^2"),
+    Activation("sigmoid", "f(z) = 1 / (1 + e^-z), f'(z) = a (1 - a)"),
+    Activation("leaky_relu", "f(z) = z where z > 0 else alpha z, f'(z) = 1 where z > 0 else alpha", (SLOPE,)),
+    Activation("softmax", "f(z)_i = e^z_i / sum_j e^z_j per sample; dZ = A * (dA - sum(dA * A))",
+               elementwise=False, last_layer_only=True),
+]}
+
+LOSSES: dict[str, Loss] = {l.name: l for l in [
+    Loss("mse", "(y - t)^2 per element; d/dy = 2 (y - t)", per="element"),
+    Loss("mae", "|y - t| per element; d/dy = sign(y - t)", per="element"),
+    Loss("categorical_crossentropy", "-sum_j t_j log softmax(z)_j per sample; d/dz = softmax(z) sum_j t_j - t",
+         per="sample", on_logits=True, last_activation="softmax", targets="one_hot", aliases=("cce",)),
+]}
+
+LOSS_ALIASES: dict[str, str] = {alias: loss.name for loss in LOSSES.values() for alias in loss.aliases}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An update rule: per parameter, its state (each starting at zero unless said otherwise) and
+    the update at step t = 1..N with g = dL/dp (SPEC section 7, PyTorch's documented algorithms)."""
+
+    name: str
+    formula: str
+    params: tuple[Param, ...] = ()
+    state: tuple[str, ...] = ()  # the per-parameter state explain shows, in the formula's names
+    state_when: dict[str, str] = field(default_factory=dict)  # a state kept only when this hyperparameter is set
+
+    def active_state(self, hyper: dict[str, float | bool]) -> list[str]:
+        """The state this configuration keeps (Adam's vmax only with amsgrad, a buffer only with momentum)."""
+        return [s for s in self.state if s not in self.state_when or hyper.get(self.state_when[s])]
+
+    def settings(self, given: dict[str, float | bool]) -> dict[str, float | bool]:
+        """Every hyperparameter: the ones given, the defaults for the rest (required ones must be given)."""
+        return {p.name: given[p.name] if given.get(p.name) is not None else p.default for p in self.params}
+
+
+EPSILON = Param("epsilon", None, "epsilon", "PyTorch's default is 1e-8 (Adagrad 1e-10), Keras's 1e-7")
+BETA1 = Param("beta1", 0.9, "first moment's decay")
+BETA2 = Param("beta2", 0.999, "second moment's decay")
+AMSGRAD = Param("amsgrad", False, "switch to the running maximum of v", kind=bool)
+
+# In this order the fuzzer draws them, simplest first.
+OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in [
+    Optimizer("sgd", "g <- g + weight_decay p; b <- momentum b + g; d = g + momentum b if nesterov else b; p <- p - lr d",
+              (Param("momentum", 0.0, "momentum"), Param("nesterov", False, "nesterov", kind=bool),
+               Param("weight_decay", 0.0, "weight decay (L2, added to g)")), ("b",), {"b": "momentum"}),
+    Optimizer("adam", "m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)",
+              (BETA1, BETA2, EPSILON, AMSGRAD), ("m", "v", "vmax"), {"vmax": "amsgrad"}),
+    Optimizer("adamw", "p <- p (1 - lr weight_decay), then the adam update with g taken before the decay",
+              (BETA1, BETA2, EPSILON, Param("weight_decay", None, "weight decay", "PyTorch's default is 0.01, Keras's 0.004"),
+               AMSGRAD), ("m", "v", "vmax"), {"vmax": "amsgrad"}),
+    Optimizer("rmsprop", "s <- rho s + (1-rho) g^2; centered: a <- rho a + (1-rho) g, s~ = s - a^2; "
+              "b <- mu b + g/(sqrt(s~) + eps), p <- p - lr b (mu = 0: p <- p - lr g/(sqrt(s~) + eps))",
+              (Param("rho", None, "decay of the mean square (rho)", "PyTorch's alpha defaults to 0.99, Keras's rho to 0.9"),
+               EPSILON, Param("momentum", 0.0, "momentum"), Param("centered", False, "centered", kind=bool)), ("s", "a", "b"),
+              {"a": "centered", "b": "momentum"}),
+    Optimizer("adagrad", "acc <- acc + g^2; p <- p - lr g/(sqrt(acc) + eps)",
+              (Param("initial_accumulator", None, "initial accumulator",
+                     "PyTorch's default is 0, Keras's 0.1"), EPSILON), ("acc",)),
+]}
+
+
+def loss(name: str) -> Loss:
+    """The loss declared as ``name`` or under one of its aliases."""
+    return LOSSES[LOSS_ALIASES.get(name, name)]

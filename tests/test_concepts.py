@@ -1,0 +1,113 @@
+"""Every declared activation, loss and optimizer, in every built-in engine: each runs it (and agrees with the
+finite-difference oracle) or skips it with a reason. An engine that forgets a declaration fails
+here, as does a declaration that an engine's table lacks."""
+
+import importlib.util
+
+import pytest
+
+from manualprop import activations, concepts, harness, losses, parse_case
+from manualprop.oracle import maths
+
+FRAMEWORKS = {"torch": "torch", "keras": "keras"}
+ENGINES = ["numpy", "numeric", *FRAMEWORKS]
+
+
+def case_text(activation: str, loss: str) -> str:
+    declared, declared_loss = concepts.ACTIVATIONS[activation], concepts.LOSSES[loss]
+    params = {p.name: 0.25 for p in declared.params}  # exact in float32: no canary met here
+    written = f"{{name: {activation}, " + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}" if params else activation
+    last = declared_loss.last_activation or ("linear" if declared.last_layer_only else "tanh")
+    hidden, top = (written, last) if not declared.last_layer_only else ("tanh", written)
+    if declared_loss.last_activation:
+        top = declared_loss.last_activation
+    targets = "{random: one_hot}" if declared_loss.targets == "one_hot" else "{random: normal}"
+    return f"""
+name: {activation}-{loss}
+dtype: float64
+loss: {loss}
+lr: 0.1
+inputs: {{random: uniform, shape: [3, 4], low: -1, high: 1}}
+targets: {targets}
+layers:
+  - {{units: 5, activation: {hidden}, kernel: {{random: normal, std: 0.5}}, bias: {{random: normal, std: 0.1}}}}
+  - {{units: 3, activation: {top}, kernel: {{random: normal, std: 0.5}}}}
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("activation", list(concepts.ACTIVATIONS))
+def test_every_activation_runs_in_every_engine(engine, activation):
+    check(engine, parse_case(case_text(activation, "mse"), f"{activation}.yaml"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("loss", list(concepts.LOSSES))
+def test_every_loss_runs_in_every_engine(engine, loss):
+    check(engine, parse_case(case_text("tanh", loss), f"{loss}.yaml"))
+
+
+def check(engine: str, case) -> None:
+    if engine in FRAMEWORKS and importlib.util.find_spec(FRAMEWORKS[engine]) is None:
+        run = harness.run_engine(case, engine)
+        assert run.status == "skipped" and run.reason, run  # a missing framework: a skip with its reason
+        pytest.skip(run.reason)
+    result = harness.run_case(case, [engine, "numeric"] if engine != "numeric" else ["numeric", "numpy"])
+    run = result.runs[engine]
+    assert run.status == "ran", run.reason
+    assert not [c.message for c in result.comparisons if harness.failed(c)]
+
+
+def test_every_declaration_has_its_maths_and_its_builders():
+    from manualprop.adapters import keras_engine, torch_engine
+
+    for table in (activations.ACTIVATIONS, maths.ACTIVATION, torch_engine.ACTIVATION, keras_engine.ACTIVATION):
+        assert set(table) == set(concepts.ACTIVATIONS)
+    for table in (losses.LOSSES, maths.SAMPLE_TERMS, torch_engine.LOSS, keras_engine.LOSS):
+        assert set(table) == set(concepts.LOSSES)
+
+
+def test_the_schema_accepts_exactly_the_declared_names():
+    from manualprop import schema
+
+    assert set(schema.ActivationName.__args__) == set(concepts.ACTIVATIONS)
+    assert set(schema.LossName.__args__) == {*concepts.LOSSES, *concepts.LOSS_ALIASES}
+    params = {p.name for a in concepts.ACTIVATIONS.values() for p in a.params}
+    assert set(schema.ActivationSpec.model_fields) == {"name", *params}
+
+
+OPTIMIZER_SETTINGS = {  # every hyperparameter written, away from the defaults where the frameworks agree
+    "sgd": "{name: sgd, momentum: 0.5, nesterov: true, weight_decay: 0.01}",
+    "adam": "{name: adam, epsilon: 1.0e-3, amsgrad: true}",
+    "adamw": "{name: adamw, epsilon: 1.0e-3, weight_decay: 0.01}",
+    "rmsprop": "{name: rmsprop, rho: 0.9, epsilon: 1.0e-3, momentum: 0.5, centered: true}",
+    "adagrad": "{name: adagrad, initial_accumulator: 0.1, epsilon: 1.0e-3}",
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("optimizer", list(concepts.OPTIMIZERS))
+def test_every_optimizer_runs_in_every_engine(engine, optimizer):
+    """Two steps of every declared optimizer: each engine runs them and agrees with the oracle, or
+    (Keras) differs exactly where manualprop.variants declares its own update."""
+    from manualprop import variants
+
+    text = case_text("tanh", "mse") + f"optimizer: {OPTIMIZER_SETTINGS[optimizer]}\nsteps: 2\n"
+    case = parse_case(text, f"{optimizer}.yaml")
+    if engine == "keras" and [v for v in variants.of(case) if "cases/canaries/" in v.pinned]:
+        if importlib.util.find_spec("keras") is None:
+            pytest.skip("keras is not installed")
+        run = harness.run_engine(case, "keras")
+        assert run.status == "ran" and len(run.result.history) == 2, run.reason
+        return
+    check(engine, case)
+
+
+def test_every_optimizer_has_its_update_in_every_engine():
+    from manualprop import optimizers
+    from manualprop.adapters import keras_engine, torch_engine
+    from manualprop.oracle import updates
+
+    assert set(OPTIMIZER_SETTINGS) == set(concepts.OPTIMIZERS)
+    for table in (optimizers.OPTIMIZERS, updates.UPDATES, torch_engine.OPTIMIZER, keras_engine.OPTIMIZER):
+        assert set(table) == set(concepts.OPTIMIZERS)
