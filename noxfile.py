@@ -56,7 +56,8 @@ def _session(cell: dict):
             session.error(f"some comparison failed: see {report}")
 
     run_cell.__doc__ = f"python {cell['python']}, tensorflow-cpu {cell['tensorflow']}, torch {cell['torch']}" + (
-        f", tf-keras {cell['tf_keras']} (Keras 2)" if cell.get("tf_keras") else "")
+        f", tf-keras {cell['tf_keras']} (Keras 2)" if cell.get("tf_keras") else ""
+    )
     return nox.session(name=cell["name"], python=cell["python"])(run_cell)
 
 

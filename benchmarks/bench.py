@@ -13,6 +13,7 @@ saved case, from the write to the result printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import platform
@@ -87,6 +88,7 @@ def bare_torch(case):
         optimizer.zero_grad(set_to_none=True)
         (case.scale * criterion(model(x), t)).backward()
         optimizer.step()
+
     return step
 
 
@@ -119,7 +121,7 @@ def engine_figures(rows: list, quick: bool) -> None:
             continue
         for case in cases:
             engine.step(case)  # warm-up: imports, first builds
-        per_case = statistics.mean(timed(lambda c=c: engine.step(c), repeat) for c in cases) * 1000
+        per_case = statistics.mean(timed(functools.partial(engine.step, c), repeat) for c in cases) * 1000
         if name in bare:
             floors = []
             for case in cases:
@@ -127,7 +129,13 @@ def engine_figures(rows: list, quick: bool) -> None:
                 step()
                 floors.append(timed(step, repeat))
             floor = statistics.mean(floors) * 1000
-            rows.append((f"{name}: marginal cost per case (warm)", f"{per_case:.2f} ms", f"bare {name} step {floor:.2f} ms: overhead x{per_case / floor:.2f}"))
+            rows.append(
+                (
+                    f"{name}: marginal cost per case (warm)",
+                    f"{per_case:.2f} ms",
+                    f"bare {name} step {floor:.2f} ms: overhead x{per_case / floor:.2f}",
+                )
+            )
         else:
             rows.append((f"{name}: marginal cost per case (warm)", f"{per_case:.3f} ms", f"mean over {len(cases)} bundled cases"))
 
@@ -158,9 +166,14 @@ def mlp_figures(rows: list, quick: bool) -> None:
         for name in ("numpy", "torch"):
             engine = engines.get(name)
             engine.step(case)
-            times[name] = timed(lambda: engine.step(case), 3 if quick else 10)
-        rows.append((f"numpy / torch, 784-1024-1024-10, batch 256, {dtype}", f"x{times['numpy'] / times['torch']:.2f}",
-                     f"numpy {times['numpy'] * 1000:.1f} ms, torch {times['torch'] * 1000:.1f} ms a step"))
+            times[name] = timed(functools.partial(engine.step, case), 3 if quick else 10)
+        rows.append(
+            (
+                f"numpy / torch, 784-1024-1024-10, batch 256, {dtype}",
+                f"x{times['numpy'] / times['torch']:.2f}",
+                f"numpy {times['numpy'] * 1000:.1f} ms, torch {times['torch'] * 1000:.1f} ms a step",
+            )
+        )
 
 
 def fuzz_figures(rows: list, quick: bool) -> None:
@@ -172,10 +185,22 @@ def fuzz_figures(rows: list, quick: bool) -> None:
     with tempfile.TemporaryDirectory() as out:
         fuzz(5, 99, Path(out), names)  # warm-up
         summary = fuzz(n, 1, Path(out), names)
-        rows.append((f"fuzz throughput, {', '.join(names)}", f"{summary.rate:.1f} cases/s", f"{n} random cases, every one a new architecture"))
+        rows.append(
+            (
+                f"fuzz throughput, {', '.join(names)}",
+                f"{summary.rate:.1f} cases/s",
+                f"{n} random cases, every one a new architecture",
+            )
+        )
         if "keras" in names:
             pooled = fuzz(n, 1, Path(out), names, architectures=8)
-            rows.append(("fuzz throughput, --architectures 8", f"{pooled.rate:.1f} cases/s", "cases drawn over 8 architectures, models reused"))
+            rows.append(
+                (
+                    "fuzz throughput, --architectures 8",
+                    f"{pooled.rate:.1f} cases/s",
+                    "cases drawn over 8 architectures, models reused",
+                )
+            )
         fast = [x for x in names if x != "keras"]
         summary = fuzz(n, 1, Path(out), fast)
         rows.append((f"fuzz throughput, {', '.join(fast)}", f"{summary.rate:.1f} cases/s", f"{n} random cases"))
@@ -187,8 +212,15 @@ def oracle_figures(rows: list, quick: bool) -> None:
     from manualprop.harness import bundled_cases
 
     oracle = engines.get(engines.ORACLE)
-    names = ["seeds/cs4820_a7_tanh_softmax.yaml"] if quick else [
-        "seeds/cs4820_a7_tanh_softmax.yaml", "activations/relu_he_normal_batch32.yaml", "shapes/deep_five_layers_float32.yaml"]
+    names = (
+        ["seeds/cs4820_a7_tanh_softmax.yaml"]
+        if quick
+        else [
+            "seeds/cs4820_a7_tanh_softmax.yaml",
+            "activations/relu_he_normal_batch32.yaml",
+            "shapes/deep_five_layers_float32.yaml",
+        ]
+    )
     for name in names:
         case = load_case(bundled_cases() / name)
         start = time.perf_counter()
@@ -241,8 +273,10 @@ def watch_figures(rows: list, quick: bool) -> None:
     names = [n for n in ("numpy", "torch", "keras") if engines.get(n).unavailable() is None]
     text = ONE_CASE.read_text(encoding="utf-8")
     lr = next(line for line in text.splitlines() if line.startswith("lr:"))
-    saves = {"it still passes": lambda i: f"{text}# save {i}\n",
-             "lr changed: golden values fail, diagnosed": lambda i: text.replace(lr, f"lr: {0.2 + i / 100}")}
+    saves = {
+        "it still passes": lambda i: f"{text}# save {i}\n",
+        "lr changed: golden values fail, diagnosed": lambda i: text.replace(lr, f"lr: {0.2 + i / 100}"),
+    }
     with tempfile.TemporaryDirectory() as where:
         case = Path(where) / ONE_CASE.name
         case.write_text(text, encoding="utf-8")
@@ -278,10 +312,16 @@ def watch_figures(rows: list, quick: bool) -> None:
                     done, line = wait_for("re-ran in", 30)
                     seconds.append(done - written)
                     inside.append(float(line.split()[2]))
-                rows.append((f"--watch: a saved case re-run ({label})",
-                             f"{statistics.median(seconds) * 1000:.0f} ms",
-                             (f"{', '.join(names)}; write to result printed, median of {len(seconds)} saves; "
-                              f"the re-run itself {statistics.median(inside):.0f} ms")))
+                rows.append(
+                    (
+                        f"--watch: a saved case re-run ({label})",
+                        f"{statistics.median(seconds) * 1000:.0f} ms",
+                        (
+                            f"{', '.join(names)}; write to result printed, median of {len(seconds)} saves; "
+                            f"the re-run itself {statistics.median(inside):.0f} ms"
+                        ),
+                    )
+                )
         finally:
             child.send_signal(signal.SIGINT)
             status = child.wait(30)
@@ -303,9 +343,12 @@ def main() -> None:
     from manualprop.fingerprint import environment
 
     env = environment()
-    table = Table(title=f"manualprop benchmark{' (quick)' if args.quick else ''}: {platform.processor() or platform.machine()}, "
-                        f"{os.cpu_count()} cores, Python {env['python']}, NumPy {env['numpy']}, torch {env['torch']}, "
-                        f"TensorFlow {env['tensorflow']}, Keras {env['keras']}", title_justify="left")
+    table = Table(
+        title=f"manualprop benchmark{' (quick)' if args.quick else ''}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {env['python']}, NumPy {env['numpy']}, torch {env['torch']}, "
+        f"TensorFlow {env['tensorflow']}, Keras {env['keras']}",
+        title_justify="left",
+    )
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("note")

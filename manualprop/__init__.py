@@ -1,9 +1,9 @@
 """manualprop: one SGD step of a dense network, cross-verified between NumPy, PyTorch and Keras."""
 
 from .case import Case, Layer, load_case, parse_case
-from .errors import CaseError
 from .engines import Engine, LayerTrace, StepResult
+from .errors import CaseError
 
 __version__ = "0.1.0"
 
-__all__ = ["Case", "CaseError", "Engine", "Layer", "LayerTrace", "StepResult", "load_case", "parse_case", "__version__"]
+__all__ = ["Case", "CaseError", "Engine", "Layer", "LayerTrace", "StepResult", "__version__", "load_case", "parse_case"]

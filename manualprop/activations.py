@@ -13,7 +13,8 @@ product ``dZ = A * (dA - sum(dA * A))`` per sample, never only the Jacobian's di
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -79,6 +80,5 @@ def get(identifier: str) -> Activation:
         return ACTIVATIONS[identifier]
     except KeyError:
         raise ValueError(
-            f"Could not interpret activation function identifier: {identifier!r}. "
-            f"Known: {', '.join(ACTIVATIONS)}"
+            f"Could not interpret activation function identifier: {identifier!r}. Known: {', '.join(ACTIVATIONS)}"
         ) from None

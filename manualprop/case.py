@@ -13,10 +13,11 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -89,12 +90,13 @@ class Case:
                 params[f"layers.{i}.bias"] = layer.bias
         return params
 
-    def with_parameters(self, params: dict[str, np.ndarray]) -> "Case":
+    def with_parameters(self, params: dict[str, np.ndarray]) -> Case:
         """The same case with other parameter values (by name, kernels (in, out)): the network as it
         stands before a later step."""
-        layers = tuple(dataclasses.replace(layer, kernel=params[f"layers.{i}.kernel"],
-                                           bias=params.get(f"layers.{i}.bias", layer.bias))
-                       for i, layer in enumerate(self.layers))
+        layers = tuple(
+            dataclasses.replace(layer, kernel=params[f"layers.{i}.kernel"], bias=params.get(f"layers.{i}.bias", layer.bias))
+            for i, layer in enumerate(self.layers)
+        )
         return dataclasses.replace(self, layers=layers)
 
     def shown_as(self, param: str) -> str:
@@ -146,25 +148,41 @@ def parse_case(text: str, file: str, default_name: str = "case", known_engines: 
         raise CaseError(file, [err.problem]) from None
     if not isinstance(data, dict):
         found = "a list" if isinstance(data, list) else "nothing" if data is None else f"{type(data).__name__} {_show(data)}"
-        raise CaseError(file, [Problem((), f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}", lines.get((), 1) if isinstance(data, list) else 1)])
+        raise CaseError(
+            file,
+            [
+                Problem(
+                    (),
+                    f"expected a mapping of fields (lr:, loss:, layers: ...), found {found}",
+                    lines.get((), 1) if isinstance(data, list) else 1,
+                )
+            ],
+        )
     return case_from_data(data, file, default_name, known_engines, lines)
 
 
-def case_from_data(data: dict, file: str, default_name: str = "case", known_engines: Iterable[str] | None = None,
-                   lines: dict[tuple, int] | None = None) -> Case:
+def case_from_data(
+    data: dict,
+    file: str,
+    default_name: str = "case",
+    known_engines: Iterable[str] | None = None,
+    lines: dict[tuple, int] | None = None,
+) -> Case:
     """Validate a case already read as data (what safe YAML gives); ``lines`` maps fields to lines."""
     lines = lines or {}
     try:
         spec = schema.CaseSpec.model_validate(data)
     except ValidationError as err:
-        errors = [{**e, "loc": tuple(part for part in e["loc"] if part not in schema.UNION_TAGS)} for e in err.errors()]
+        errors: list[dict[str, Any]] = [
+            {**e, "loc": tuple(part for part in e["loc"] if part not in schema.UNION_TAGS)} for e in err.errors()
+        ]
         # a key suggested as a required field stands in for it: its message says so already
         meant = {(*e["loc"][:-1], _suggested_key(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
         problems = [_problem_from_pydantic(e, lines) for e in errors if not (e["type"] == "missing" and e["loc"] in meant)]
         raise CaseError(file, sorted(problems, key=lambda p: p.line or 0)) from None
     builder = _Builder(spec, lines, known_engines)
     case = builder.build(file, default_name)
-    if builder.problems:
+    if builder.problems or case is None:  # no case is built without a problem to say why
         raise CaseError(file, builder.problems)
     return case
 
@@ -188,7 +206,11 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
     elif kind == "union_tag_not_found":
         message = "a generated array needs `random: uniform`, `random: normal` or `random: one_hot`"
     elif kind == "union_tag_invalid":
-        message = f"expected random: uniform, normal or one_hot, found {found.get('random')!r}" if isinstance(found, dict) else error["msg"]
+        message = (
+            f"expected random: uniform, normal or one_hot, found {found.get('random')!r}"
+            if isinstance(found, dict)
+            else error["msg"]
+        )
     elif kind == "list_type" and loc and loc[-1] in ("inputs", "targets", "kernel", "weight", "bias"):
         message = f"expected a list of numbers or a {{random: ...}} mapping, found {_show(found)}"
     else:
@@ -291,8 +313,9 @@ class _Builder:
         if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
             self.problem(path, f"expected a list of rows (a {ndim}-dimensional array), found {_show(value)}")
             return None
-        rows = [self.nested_shape(row, (*path, i), ndim - 1) for i, row in enumerate(value)]
-        if any(r is None for r in rows):
+        found = [self.nested_shape(row, (*path, i), ndim - 1) for i, row in enumerate(value)]
+        rows = [r for r in found if r is not None]
+        if len(rows) < len(found):
             return None
         lengths = sorted({r[0] for r in rows})
         if len(lengths) > 1:
@@ -338,7 +361,7 @@ class _Builder:
             batch, fan_in = None, inputs.shape[0]  # blamed on inputs alone: the layer and targets are checked without them
         last_units = spec.layers[-1].units
         targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
-        layers = []
+        layers: list[Layer | None] = []
         for i, layer_spec in enumerate(spec.layers):
             layers.append(self.layer(i, layer_spec, fan_in, batch))
             fan_in = layer_spec.units if layer_spec.units <= MAX_ELEMENTS else None  # too many: reported once, above
@@ -359,10 +382,13 @@ class _Builder:
         if spec.known_differences and self.known_engines is not None:
             for name in spec.known_differences:
                 if name not in self.known_engines:
-                    self.problem(("known_differences", name), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}")
+                    self.problem(
+                        ("known_differences", name), f"unknown engine {name!r}; registered: {', '.join(self.known_engines)}"
+                    )
         optimizer, hyper = self.optimizer(spec.optimizer)
         rtol, atol = _tolerance(spec.tolerance, DEFAULT_TOLERANCE[spec.dtype])
-        if self.problems or inputs is None or targets is None or None in layers:
+        built = [layer for layer in layers if layer is not None]
+        if self.problems or inputs is None or targets is None or len(built) < len(layers):
             return None
         case = Case(
             name=spec.name or default_name,
@@ -376,7 +402,7 @@ class _Builder:
             lr=spec.lr,
             inputs=inputs,
             targets=targets,
-            layers=tuple(layers),
+            layers=tuple(built),
             engines=None if spec.engines is None else tuple(spec.engines),
             rtol=rtol,
             atol=atol,
@@ -386,7 +412,7 @@ class _Builder:
             hyper=hyper,
             steps=spec.steps,
         )
-        expected = self.expected(case) if spec.expected is not None else None
+        expected = self.expected(case, spec.expected) if spec.expected is not None else None
         if self.problems:
             return None
         return Case(**{**case.__dict__, "expected": expected})
@@ -397,7 +423,7 @@ class _Builder:
         targets that do not back that many samples), so they alone are blamed, not the kernel too."""
         key = "weight" if first.weight is not None else "kernel"
         declared = _written_shape(getattr(first, key))
-        if first.kernel is not None and first.weight is not None or declared is None:
+        if (first.kernel is not None and first.weight is not None) or declared is None:
             return False
         takes, units = declared[::-1] if key == "weight" else declared
         if units != first.units or takes == found[1]:
@@ -405,30 +431,42 @@ class _Builder:
         generated = isinstance(self.spec.inputs, (schema.Uniform, schema.Normal, schema.OneHot))
         path = ("inputs", "shape") if generated else ("inputs",)
         line = _line_of(self.lines, ("layers", 0, key))
-        message = (f"expected shape (any, {takes}) = (batch, features), as layers[0].{key} {_show_shape(declared)}"
-                   f"{f' at line {line}' if line else ''} takes {_many(takes, 'input')}; found {found}")
+        message = (
+            f"expected shape (any, {takes}) = (batch, features), as layers[0].{key} {_show_shape(declared)}"
+            f"{f' at line {line}' if line else ''} takes {_many(takes, 'input')}; found {found}"
+        )
         targets = _written_shape(self.spec.targets)
         transposed = found[0] == takes and (targets is None or targets[0] == found[1])  # the targets back it
         if transposed:
             samples = found[1]
-            message += (f": transposed? each row is one sample, so {_many(samples, 'sample')} of {_many(takes, 'feature')} "
-                        f"{'are' if samples > 1 else 'is'} ({samples}, {takes})")
+            message += (
+                f": transposed? each row is one sample, so {_many(samples, 'sample')} of {_many(takes, 'feature')} "
+                f"{'are' if samples > 1 else 'is'} ({samples}, {takes})"
+            )
         self.problem(path, message)
         return transposed
 
     def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
         path = ("layers", i)
-        activation = spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
+        activation = (
+            spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
+        )
         declared = concepts.ACTIVATIONS[activation.name]
         own = {p.name for p in declared.params}
         for param in declared.params:
             if param.required and getattr(activation, param.name) is None:
-                self.problem((*path, "activation"), f"{declared.name} needs its {param.meaning}: write "
-                             f"{{name: {declared.name}, {param.name}: ...}}" + (f" ({param.frameworks})" if param.frameworks else ""))
+                self.problem(
+                    (*path, "activation"),
+                    f"{declared.name} needs its {param.meaning}: write "
+                    f"{{name: {declared.name}, {param.name}: ...}}" + (f" ({param.frameworks})" if param.frameworks else ""),
+                )
         for name in schema.ActivationSpec.model_fields:
             if name != "name" and name not in own and getattr(activation, name) is not None:
                 owners = [a.name for a in concepts.ACTIVATIONS.values() if any(p.name == name for p in a.params)]
-                self.problem((*path, "activation", name), f"{name} is a parameter of {' and '.join(owners)} only, found it on {activation.name}")
+                self.problem(
+                    (*path, "activation", name),
+                    f"{name} is a parameter of {' and '.join(owners)} only, found it on {activation.name}",
+                )
         if declared.last_layer_only and i != len(self.spec.layers) - 1:
             self.problem((*path, "activation"), f"{declared.name} is supported on the last layer only")
         alpha = getattr(activation, "alpha", None)
@@ -439,7 +477,9 @@ class _Builder:
             return None
         for size, what in ((fan_in * spec.units, "kernel"), ((batch or 1) * spec.units, "activations")):
             if size > MAX_ELEMENTS:
-                self.problem((*path, "units"), f"{spec.units:,} units make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed")
+                self.problem(
+                    (*path, "units"), f"{spec.units:,} units make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed"
+                )
                 return None
         kernel = self.kernel(path, spec, fan_in)
         if spec.bias is False:
@@ -452,24 +492,37 @@ class _Builder:
                 return None
         if kernel is None:
             return None
-        return Layer(spec.units, activation.name, float(alpha or 0.0), kernel, bias, self.lines.get(path),
-                     "weight" if spec.weight is not None else "kernel")
+        return Layer(
+            spec.units,
+            activation.name,
+            float(alpha or 0.0),
+            kernel,
+            bias,
+            self.lines.get(path),
+            "weight" if spec.weight is not None else "kernel",
+        )
 
     def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int) -> np.ndarray | None:
         if spec.weight is not None:
-            weight = self.array(spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer), the PyTorch layout")
+            weight = self.array(
+                spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer), the PyTorch layout"
+            )
             return None if weight is None else np.ascontiguousarray(weight.T)
         if spec.kernel is not None:
             if spec.init is not None:
                 self.problem((*path, "init"), "init draws a kernel; this layer gives its kernel already")
-            return self.array(spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units), the Keras layout")
+            return self.array(
+                spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units), the Keras layout"
+            )
         return _initial_kernel(spec.init or "glorot_uniform", fan_in, spec.units, self.rng).astype(self.dtype)
 
-    def expected(self, case: Case) -> Expected:
-        exp = self.spec.expected
+    def expected(self, case: Case, exp: schema.ExpectedSpec) -> Expected:
         params = case.parameters()
-        names = [f"layers.{i}.{kind}" for i, layer in enumerate(case.layers)
-                 for kind in ("kernel", "weight", *(("bias",) if layer.bias is not None else ()))]
+        names = [
+            f"layers.{i}.{kind}"
+            for i, layer in enumerate(case.layers)
+            for kind in ("kernel", "weight", *(("bias",) if layer.bias is not None else ()))
+        ]
         tables: dict[str, dict[str, np.ndarray]] = {"updated": {}, "deltas": {}}
         given_as: dict[tuple[str, str], str] = {}
         for section, values in (("updated", exp.updated), ("deltas", exp.deltas)):
@@ -487,7 +540,9 @@ class _Builder:
                     self.problem(path, f"layer {index} has no bias (bias: false), so {name} cannot be checked")
                     continue
                 target = params[key].shape if kind != "weight" else params[key].shape[::-1]
-                array = self.literal(value, path, target, f"the shape of {key}" + (" in the (out, in) layout" if kind == "weight" else ""))
+                array = self.literal(
+                    value, path, target, f"the shape of {key}" + (" in the (out, in) layout" if kind == "weight" else "")
+                )
                 if array is not None:
                     if key in tables[section]:
                         self.problem(path, f"{key} is given twice (as kernel and as weight)")
@@ -506,13 +561,20 @@ class _Builder:
         own = {p.name for p in declared.params}
         for param in declared.params:
             if param.required and getattr(spec, param.name) is None:
-                self.problem(path, f"{declared.name} needs its {param.meaning}: write {{name: {declared.name}, {param.name}: ...}}"
-                             + (f" ({param.frameworks})" if param.frameworks else ""))
+                self.problem(
+                    path,
+                    f"{declared.name} needs its {param.meaning}: write {{name: {declared.name}, {param.name}: ...}}"
+                    + (f" ({param.frameworks})" if param.frameworks else ""),
+                )
         for name in schema.OptimizerSpec.model_fields:
             if name != "name" and name not in own and getattr(spec, name) is not None:
                 owners = [o.name for o in concepts.OPTIMIZERS.values() if any(p.name == name for p in o.params)]
                 self.problem((*path, name), f"{name} is a hyperparameter of {', '.join(owners)}, not of {declared.name}")
         given = {name: getattr(spec, name) for name in own}
+        for param in declared.params:
+            wrong = None if given.get(param.name) is None else param.problem(given[param.name])
+            if wrong:
+                self.problem((*path, param.name), wrong)
         return declared.name, declared.settings(given)
 
 
@@ -555,7 +617,7 @@ def _many(count: int, thing: str) -> str:
 
 
 def _fits(found: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
-    return len(found) == len(expected) and all(e is None or e == f for f, e in zip(found, expected))
+    return len(found) == len(expected) and all(e is None or e == f for f, e in zip(found, expected, strict=True))
 
 
 def _show_shape(shape: tuple[int | None, ...]) -> str:
@@ -563,4 +625,4 @@ def _show_shape(shape: tuple[int | None, ...]) -> str:
     return f"({inner},)" if len(shape) == 1 else f"({inner})"
 
 
-__all__ = ["Case", "Layer", "Expected", "load_case", "parse_case", "format_path", "MAX_ELEMENTS"]
+__all__ = ["MAX_ELEMENTS", "Case", "Expected", "Layer", "format_path", "load_case", "parse_case"]

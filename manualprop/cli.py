@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console, Group, RenderableType
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from . import __version__, engines, harness, report
 from .compare import Comparison
+from .diagnose import Diagnosis
 from .harness import CaseResult
 from .outcomes import Status, Verdict
 
@@ -42,51 +44,89 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"manualprop {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run case files through every engine and compare", description=(
-        "Run each case through every installed engine, compare every pair and the golden values. "
-        "With no PATH, the bundled cases run. Exit status: 0 all hold, 1 a mismatch, 2 an invalid case or command line."))
+    run = sub.add_parser(
+        "run",
+        help="run case files through every engine and compare",
+        description=(
+            "Run each case through every installed engine, compare every pair and the golden values. "
+            "With no PATH, the bundled cases run. Exit status: 0 all hold, 1 a mismatch, 2 an invalid case or command line."
+        ),
+    )
     run.add_argument("paths", nargs="*", metavar="PATH", help="case files or folders (searched for *.yaml, *.yml)")
-    run.add_argument("--engines", type=_engine_list, metavar="A,B", help=f"engines to run (registered: {', '.join(engines.names())})")
+    run.add_argument(
+        "--engines", type=_engine_list, metavar="A,B", help=f"engines to run (registered: {', '.join(engines.names())})"
+    )
     run.add_argument("--json", metavar="FILE", help="write the JSON report to FILE")
     run.add_argument("--label", metavar="NAME", help="name this run in the JSON report (a matrix cell, a machine)")
     run.add_argument("--show-deltas", action="store_true", help="print every parameter's delta from each engine side by side")
     run.add_argument("-q", "--quiet", action="store_true", help="print only failing cases and the summary")
-    run.add_argument("--watch", action="store_true", help=(
-        "after the run, re-run each case file when it is saved (engines kept warm); Ctrl-C ends it, exit status 0"))
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help=("after the run, re-run each case file when it is saved (engines kept warm); Ctrl-C ends it, exit status 0"),
+    )
 
-    agg = sub.add_parser("report", help="aggregate JSON reports into a compatibility table", description=(
-        "Aggregate JSON reports (one column each) into a table of cases x columns. With no output option, "
-        "the Markdown table goes to standard output. Exit status: 0 no cell fails, 1 some cell fails, "
-        "2 a report could not be read."))
+    agg = sub.add_parser(
+        "report",
+        help="aggregate JSON reports into a compatibility table",
+        description=(
+            "Aggregate JSON reports (one column each) into a table of cases x columns. With no output option, "
+            "the Markdown table goes to standard output. Exit status: 0 no cell fails, 1 some cell fails, "
+            "2 a report could not be read."
+        ),
+    )
     agg.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports written by manualprop run --json")
     agg.add_argument("--previous", metavar="TABLE.json", help="the previous table (from --table-json): changes are highlighted")
     agg.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     agg.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the table and a plot")
     agg.add_argument("--table-json", metavar="FILE", help="write the table as JSON, for the next --previous")
 
-    explain = sub.add_parser("explain", help="show the step layer by layer, each engine side by side", description=(
-        "Run one case and show, layer by layer, the forward tensors, the loss, the backward tensors and the update "
-        "from each engine side by side, with the first divergence marked."))
+    explain = sub.add_parser(
+        "explain",
+        help="show the step layer by layer, each engine side by side",
+        description=(
+            "Run one case and show, layer by layer, the forward tensors, the loss, the backward tensors and the update "
+            "from each engine side by side, with the first divergence marked."
+        ),
+    )
     explain.add_argument("case", metavar="CASE", help="a case file")
     explain.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to show (default: every installed one)")
     explain.add_argument("--markdown", action="store_true", help="print Markdown instead (to hand out)")
     explain.add_argument("--precision", type=int, default=8, metavar="N", help="decimals shown (default 8)")
     explain.add_argument("--watch", action="store_true", help="show it again each time the case file is saved; Ctrl-C ends it")
 
-    fz = sub.add_parser("fuzz", help="random cases through every engine; disagreements shrunk to case files", description=(
-        "Run random cases (Hypothesis) through every installed engine. Each disagreement that is not a declared "
-        "known difference is shrunk to a minimal case and written to --out, ready for cases/. "
-        "Exit status: 0 no disagreement, 1 some were written."))
+    fz = sub.add_parser(
+        "fuzz",
+        help="random cases through every engine; disagreements shrunk to case files",
+        description=(
+            "Run random cases (Hypothesis) through every installed engine. Each disagreement that is not a declared "
+            "known difference is shrunk to a minimal case and written to --out, ready for cases/. "
+            "Exit status: 0 no disagreement, 1 some were written."
+        ),
+    )
     fz.add_argument("--n", type=int, default=100, metavar="N", help="how many random cases (default 100)")
     fz.add_argument("--seed", type=int, default=0, metavar="S", help="the random seed (default 0): the same seed, the same cases")
-    fz.add_argument("--out", default="fuzz-findings", metavar="DIR", help="where minimal cases are written (default fuzz-findings/)")
+    fz.add_argument(
+        "--out", default="fuzz-findings", metavar="DIR", help="where minimal cases are written (default fuzz-findings/)"
+    )
     fz.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to run (default: every installed one)")
-    fz.add_argument("--optimizers", action="store_true", help=(
-        "draw the optimizer, its hyperparameters and 1 to 5 steps too (not yet free of false alarms where an update "
-        "normalized by sqrt(v) meets a gradient that cancels to zero: see the README)"))
-    fz.add_argument("--architectures", type=int, metavar="K", help=(
-        "draw the cases over K architectures instead of a new one for each case: much faster with Keras, "
-        "which reuses its compiled models; shrinking then goes to the simplest architecture of the K"))
+    fz.add_argument(
+        "--optimizers",
+        action="store_true",
+        help=(
+            "draw the optimizer, its hyperparameters and 1 to 5 steps too (not yet free of false alarms where an update "
+            "normalized by sqrt(v) meets a gradient that cancels to zero: see the README)"
+        ),
+    )
+    fz.add_argument(
+        "--architectures",
+        type=int,
+        metavar="K",
+        help=(
+            "draw the cases over K architectures instead of a new one for each case: much faster with Keras, "
+            "which reuses its compiled models; shrinking then goes to the simplest architecture of the K"
+        ),
+    )
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a case file")
     schema.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
@@ -122,8 +162,6 @@ def missing_extra(module: str, extra: str, command: str) -> str | None:
 
 
 def _fuzz(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     err = Terminal(stderr=True, highlight=False, soft_wrap=True)
     missing = missing_extra("hypothesis", "fuzz", "fuzz")
     if missing:
@@ -133,26 +171,42 @@ def _fuzz(args: argparse.Namespace) -> int:
 
     out = Terminal(highlight=False, soft_wrap=True)
     if args.n < 1 or (args.architectures is not None and args.architectures < 1):
-        err.print(f"[red]manualprop fuzz: --n and --architectures must be at least 1, got {args.n} and {args.architectures}[/red]")
+        err.print(
+            f"[red]manualprop fuzz: --n and --architectures must be at least 1, got {args.n} and {args.architectures}[/red]"
+        )
         return EXIT_INVALID
     _print_unavailable(out, args.engines)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("fuzzing"), BarColumn(), TextColumn("{task.completed}/{task.total} cases"),
-                        TextColumn("{task.fields[rate]:.1f} cases/s"), TextColumn("{task.fields[found]} disagreements"),
-                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    progress = Progress(
+        TextColumn("fuzzing"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} cases"),
+        TextColumn("{task.fields[rate]:.1f} cases/s"),
+        TextColumn("{task.fields[found]} disagreements"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
     with progress:
         task = progress.add_task("fuzz", total=args.n, rate=0.0, found=0)
         start = time.perf_counter()
 
         def update(summary):
-            progress.update(task, completed=summary.cases, rate=summary.cases / max(time.perf_counter() - start, 1e-9),
-                            found=len(summary.findings))
+            progress.update(
+                task,
+                completed=summary.cases,
+                rate=summary.cases / max(time.perf_counter() - start, 1e-9),
+                found=len(summary.findings),
+            )
 
         summary = fuzz(args.n, args.seed, Path(args.out), args.engines, update, args.architectures, args.optimizers)
     out.print(f"{summary.cases} random cases in {summary.seconds:.1f} s ({summary.rate:.1f} cases/s), seed {args.seed}")
     if summary.closest_case:
-        out.print(f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})")
+        out.print(
+            f"closest call among the cases that agreed: {summary.closest:.1%} of the tolerance ({escape(summary.closest_case)})"
+        )
     for finding in summary.findings:
         out.print(f"[red]disagreement written to {escape(str(finding.path))}: {escape(finding.sentence)}[/red]")
     if summary.repeats:
@@ -193,7 +247,8 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_MISMATCH
     if not result.compared:
         Terminal(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[yellow]not compared: {escape(result.why_not_compared())} (exit status {EXIT_NOTHING_COMPARED})[/yellow]")
+            f"[yellow]not compared: {escape(result.why_not_compared())} (exit status {EXIT_NOTHING_COMPARED})[/yellow]"
+        )
         return EXIT_NOTHING_COMPARED
     return EXIT_OK
 
@@ -207,7 +262,7 @@ def _report(args: argparse.Namespace) -> int:
         previous = None
         if args.previous:
             try:
-                previous = json.loads(open(args.previous, encoding="utf-8").read())
+                previous = json.loads(Path(args.previous).read_text(encoding="utf-8"))
             except FileNotFoundError:
                 err.print(f"[yellow]no previous table at {escape(args.previous)}: nothing to compare with[/yellow]")
             if previous is not None:
@@ -219,9 +274,14 @@ def _report(args: argparse.Namespace) -> int:
         err.print(f"[red]manualprop report: {escape(args.previous)}:{e.lineno}: not JSON: {escape(e.msg)}[/red]")
         return EXIT_INVALID
     markdown = compat.to_markdown(table)
-    outputs = {args.markdown: ("the Markdown table", lambda: markdown), args.html: ("the HTML page", lambda: compat.to_html(table)),
-               args.table_json: ("the table as JSON", lambda: json.dumps(compat.to_json(table), indent=1) + "\n")}
-    size = f"{len(table.cells)} case{'s' * (len(table.cells) != 1)} x {len(table.columns)} column{'s' * (len(table.columns) != 1)}"
+    outputs = {
+        args.markdown: ("the Markdown table", lambda: markdown),
+        args.html: ("the HTML page", lambda: compat.to_html(table)),
+        args.table_json: ("the table as JSON", lambda: json.dumps(compat.to_json(table), indent=1) + "\n"),
+    }
+    size = (
+        f"{len(table.cells)} case{'s' * (len(table.cells) != 1)} x {len(table.columns)} column{'s' * (len(table.columns) != 1)}"
+    )
     for path, (what, render) in outputs.items():
         if path:
             with open(path, "w", encoding="utf-8") as f:
@@ -268,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = _progress_bar(err)
     with progress:
         task = progress.add_task("running cases", total=len(paths))
-        for path, result in zip(paths, harness.run_paths(paths, args.engines)):
+        for result in harness.run_paths(paths, args.engines):
             results.append(result)
             progress.advance(task)
             if not (args.quiet and result.ok):
@@ -286,8 +346,14 @@ def _progress_bar(err: Console):
         return _NoProgress()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
 
 
 class _NoProgress:
@@ -332,14 +398,22 @@ def _summary(out: Console, results: list[CaseResult], json_path: str | None) -> 
     if failed:
         return EXIT_MISMATCH
     if nothing:
-        out.print("[yellow]nothing was compared: no case ran in two engines or had golden values checked "
-                  f"(exit status {EXIT_NOTHING_COMPARED})[/yellow]")
+        out.print(
+            "[yellow]nothing was compared: no case ran in two engines or had golden values checked "
+            f"(exit status {EXIT_NOTHING_COMPARED})[/yellow]"
+        )
         return EXIT_NOTHING_COMPARED
     return EXIT_OK
 
 
-VERDICT_STYLE = {Verdict.PASS: "bold green", Verdict.FAIL: "bold red", Verdict.INVALID: "bold red",
-                 Verdict.NOT_COMPARED: "bold yellow", Verdict.KNOWN: "bold yellow", Verdict.NON_FINITE: "bold red"}
+VERDICT_STYLE = {
+    Verdict.PASS: "bold green",
+    Verdict.FAIL: "bold red",
+    Verdict.INVALID: "bold red",
+    Verdict.NOT_COMPARED: "bold yellow",
+    Verdict.KNOWN: "bold yellow",
+    Verdict.NON_FINITE: "bold red",
+}
 
 
 def _verdict(result: CaseResult) -> str:
@@ -353,14 +427,14 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         lines = [f"{_verdict(result)} {escape(result.path)}"]
         lines += [f"  [red]{escape(p.render(result.path))}[/red]" for p in result.error.problems]
         return "\n".join(lines)
-    case = result.case
+    case = result.loaded
     ran = result.ran
     title = f"{_verdict(result)} [bold]{escape(case.name)}[/bold] ({escape(result.path)}, {case.dtype.name})"
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     table.add_column("  parameter", no_wrap=True)
     table.add_column("shape")
     table.add_column("max|delta|", justify="right")
-    pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(ran) for b in ran[i + 1 :]]
     for a, b in pairs:
         table.add_column(f"{a}-{b}", justify="right")
     if pairs:
@@ -375,7 +449,7 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         cells = [by_key.get((param, a, b)) for a, b in pairs]
         worst = max((c.worst_ratio for c in cells if c is not None), default=0.0)
         table.add_row(f"  {case.shown_as(param)}", shape, size, *[_cell(c) for c in cells], *([_ratio(worst)] if pairs else []))
-    losses = ", ".join(f"{n} {result.runs[n].result.loss:.9g}" for n in ran)
+    losses = ", ".join(f"{n} {result.runs[n].output.loss:.9g}" for n in ran)
     parts: list[RenderableType] = [title, f"  loss: {losses}" if ran else "  [yellow]no engine ran[/yellow]"]
     if result.verdict == Verdict.NOT_COMPARED:
         parts.append(f"  [yellow]not compared: {escape(result.why_not_compared())}[/yellow]")
@@ -401,23 +475,26 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
             parts.append(f"[red]{escape(_indent(c.message))}[/red]")
         elif harness.is_rounding(c):
             near = ", ".join(f"{n} {r:.0%}" for n, r in c.extra["rounding"].items())
-            parts.append(f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
-                         f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]")
+            parts.append(
+                f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
+                f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]"
+            )
     for names, comparisons in harness.golden_groups(result):
         parts.append(f"[red]{escape(_indent(harness.golden_block(names, comparisons)))}[/red]")
     if result.diagnosis is not None and result.diagnosis.quantity != "crash":  # a crash is printed above
-        parts.extend(_diagnosis_lines(result))
+        parts.extend(_diagnosis_lines(result.diagnosis))
     if show_deltas:
         parts.extend(_delta_tables(result))
     return Group(*parts)
 
 
-def _diagnosis_lines(result: CaseResult) -> list[str]:
-    d = result.diagnosis
+def _diagnosis_lines(d: Diagnosis) -> list[str]:
     lines = [f"  [bold]diagnosis:[/bold] {escape(d.sentence)}"]
     if d.oracle_distance:
-        distances = ", ".join(f"{name} {_ratio(ratio, plain=True)} of its tolerance away"
-                              for name, ratio in sorted(d.oracle_distance.items(), key=lambda kv: kv[1]))
+        distances = ", ".join(
+            f"{name} {_ratio(ratio, plain=True)} of its tolerance away"
+            for name, ratio in sorted(d.oracle_distance.items(), key=lambda kv: kv[1])
+        )
         lines.append(f"  oracle (central differences, 128-bit): {escape(distances)}")
     lines += [f"  hint: {escape(h)}" for h in d.hints]
     return lines
@@ -446,14 +523,18 @@ def _indent(text: str) -> str:
 def _delta_tables(result: CaseResult) -> list[Table]:
     tables = []
     ran = result.ran
-    case = result.case
+    case = result.loaded
     for param in case.parameters():
         table = Table(title=f"{case.shown_as(param)} delta", title_justify="left", show_edge=False)
         for name in ran:
             table.add_column(name)
-        deltas = [result.runs[n].result.deltas.get(param) for n in ran]
-        table.add_row(*["(none)" if d is None else np.array2string(case.in_file_layout(param, d), precision=8, max_line_width=60)
-                        for d in deltas])
+        deltas = [result.runs[n].output.deltas.get(param) for n in ran]
+        table.add_row(
+            *[
+                "(none)" if d is None else np.array2string(case.in_file_layout(param, d), precision=8, max_line_width=60)
+                for d in deltas
+            ]
+        )
         tables.append(table)
     return tables
 

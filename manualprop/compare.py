@@ -15,8 +15,10 @@ A NaN or an infinity never passes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # (rtol, atol) per dtype. Measured engine-to-engine agreement on the bundled cases: about
 # 6e-8 absolute in float32 for |p| <= 1, about 2e-16 in float64. The defaults leave one to two
@@ -55,7 +57,7 @@ class Comparison:
         return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
 
 
-def tolerated(rtol: float, atol: float, magnitude: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+def tolerated(rtol: float, atol: float, magnitude: ArrayLike, reference: ArrayLike | None = None) -> np.ndarray:
     """What the rule allows element by element: atol (1 + |p|) + rtol |magnitude| (atol alone without p)."""
     scale = 1.0 if reference is None else 1.0 + np.abs(np.asarray(reference, dtype=np.float64))
     return atol * scale + rtol * np.abs(np.asarray(magnitude, dtype=np.float64))
@@ -64,13 +66,13 @@ def tolerated(rtol: float, atol: float, magnitude: np.ndarray, reference: np.nda
 def compare(
     param: str,
     a_name: str,
-    a: np.ndarray,
+    a: ArrayLike,
     b_name: str,
-    b: np.ndarray,
+    b: ArrayLike,
     rtol: float,
     atol: float,
-    reference: np.ndarray | None = None,
-    allowance: np.ndarray | float = 0.0,
+    reference: ArrayLike | None = None,
+    allowance: ArrayLike = 0.0,
     shown_as: str | None = None,
 ) -> Comparison:
     """Compare ``a`` with ``b`` under the rule above; ``reference`` is ``p``, the value before the step.
@@ -82,10 +84,14 @@ def compare(
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    base = dict(param=param, a=a_name, b=b_name, atol=atol, rtol=rtol, total=int(a.size))
+    base: dict[str, Any] = {"param": param, "a": a_name, "b": b_name, "atol": atol, "rtol": rtol, "total": int(a.size)}
     if a.shape != b.shape:
         return Comparison(
-            **base, max_abs_diff=float("inf"), max_rel_diff=float("inf"), ok=False, worst_ratio=float("inf"),
+            **base,
+            max_abs_diff=float("inf"),
+            max_rel_diff=float("inf"),
+            ok=False,
+            worst_ratio=float("inf"),
             mismatched=int(max(a.size, b.size)),
             message=f"shape mismatch: {a_name} has shape {a.shape}, {b_name} has shape {b.shape}",
         )
@@ -114,19 +120,31 @@ def compare(
     if result.ok:
         return result
     before = None if reference is None or np.ndim(reference) != a.ndim else float(np.asarray(reference)[worst])
-    return _with_message(result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None,
-                         shown_as=shown_as, before=before)
+    return _with_message(
+        result, float(np.broadcast_to(allowed, a.shape)[worst]), scaled=reference is not None, shown_as=shown_as, before=before
+    )
 
 
 def missing(param: str, a_name: str, b_name: str, rtol: float, atol: float, absent: str) -> Comparison:
     """A failed comparison for a parameter that engine ``absent`` returned no value for."""
     inf = float("inf")
-    return Comparison(param=param, a=a_name, b=b_name, max_abs_diff=inf, max_rel_diff=inf, atol=atol, rtol=rtol,
-                      ok=False, worst_ratio=inf, message=f"{param}: {absent} returned no delta for it")
+    return Comparison(
+        param=param,
+        a=a_name,
+        b=b_name,
+        max_abs_diff=inf,
+        max_rel_diff=inf,
+        atol=atol,
+        rtol=rtol,
+        ok=False,
+        worst_ratio=inf,
+        message=f"{param}: {absent} returned no delta for it",
+    )
 
 
-def _with_message(c: Comparison, allowed_at_worst: float, scaled: bool, shown_as: str | None = None,
-                  before: float | None = None) -> Comparison:
+def _with_message(
+    c: Comparison, allowed_at_worst: float, scaled: bool, shown_as: str | None = None, before: float | None = None
+) -> Comparison:
     """A mismatch described like torch.testing.assert_close, in the case's own terms: the name and
     the layout the case file uses, and the parameter's value there before the step."""
     name = shown_as or c.param

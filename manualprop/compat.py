@@ -13,19 +13,32 @@ import hashlib
 import html
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from .outcomes import Status, Verdict
 
 FORMAT = "manualprop-compat-1"
-ICON = {Verdict.PASS: "✅", Verdict.FAIL: "❌", Verdict.KNOWN: "⚠️", Verdict.INVALID: "🚫", Verdict.NOT_COMPARED: "➖",
-        Verdict.NON_FINITE: "💥"}
-COLOUR = {Verdict.PASS: "#d9f2d9", Verdict.FAIL: "#f8d0d0", Verdict.KNOWN: "#fbeec1", Verdict.INVALID: "#f8d0d0",
-          Verdict.NOT_COMPARED: "#eeeeee", Verdict.NON_FINITE: "#f8d0d0"}
+ICON = {
+    Verdict.PASS: "✅",
+    Verdict.FAIL: "❌",
+    Verdict.KNOWN: "⚠️",
+    Verdict.INVALID: "🚫",
+    Verdict.NOT_COMPARED: "➖",
+    Verdict.NON_FINITE: "💥",
+}
+COLOUR = {
+    Verdict.PASS: "#d9f2d9",
+    Verdict.FAIL: "#f8d0d0",
+    Verdict.KNOWN: "#fbeec1",
+    Verdict.INVALID: "#f8d0d0",
+    Verdict.NOT_COMPARED: "#eeeeee",
+    Verdict.NON_FINITE: "#f8d0d0",
+}
 VERSION_KEYS = ("python", "numpy", "torch", "tensorflow")
 
 
@@ -105,7 +118,9 @@ def cell_of(case: dict, source: str | Path = "a report") -> Cell:
         verdict = Verdict.PASS if case.get("ok") else Verdict.INVALID if "error" in case else Verdict.FAIL
     worst = case.get("worst") or {}
     label = f"{worst.get('param', '')} {worst.get('a', '')}-{worst.get('b', '')}".strip(" -") if worst else ""
-    digests = {name: digest(run["deltas"]) for name, run in (case.get("engines") or {}).items() if run.get("status") == Status.RAN}
+    digests = {
+        name: digest(run["deltas"]) for name, run in (case.get("engines") or {}).items() if run.get("status") == Status.RAN
+    }
     return Cell(verdict, _ratio(worst.get("ratio")), label, digests)
 
 
@@ -134,7 +149,9 @@ def mark_changes(table: Table, previous: dict, source: str | Path = "the previou
             if old is None:
                 cell.change = "new case" if label in known_columns else None
             elif parse_verdict(old["verdict"], source, case) != cell.verdict:
-                cell.change = f"was {old['verdict']}" + (f" {_ratio_text(old.get('worst_ratio'))}" if old.get("worst_ratio") is not None else "")
+                cell.change = f"was {old['verdict']}" + (
+                    f" {_ratio_text(old.get('worst_ratio'))}" if old.get("worst_ratio") is not None else ""
+                )
             else:
                 moved = sorted(e for e in cell.digests if e in old.get("digests", {}) and old["digests"][e] != cell.digests[e])
                 if moved:
@@ -145,8 +162,13 @@ def to_json(table: Table) -> dict:
     return {
         "format": FORMAT,
         "columns": [asdict(c) for c in table.columns],
-        "cells": {case: {label: {k: v for k, v in asdict(cell).items() if k != "change"} | ({"change": cell.change} if cell.change else {})
-                         for label, cell in row.items()} for case, row in table.cells.items()},
+        "cells": {
+            case: {
+                label: {k: v for k, v in asdict(cell).items() if k != "change"} | ({"change": cell.change} if cell.change else {})
+                for label, cell in row.items()
+            }
+            for case, row in table.cells.items()
+        },
     }
 
 
@@ -176,7 +198,12 @@ def to_markdown(table: Table) -> str:
     lines = ["## manualprop compatibility table", ""]
     changed = sum(c.change is not None for row in table.cells.values() for c in row.values())
     if table.previous:
-        lines += [f"{changed} cell(s) changed since the previous table (marked 🔺)." if changed else "No change since the previous table.", ""]
+        lines += [
+            f"{changed} cell(s) changed since the previous table (marked 🔺)."
+            if changed
+            else "No change since the previous table.",
+            "",
+        ]
     lines += [
         "Each cell: the verdict and the worst error as a fraction of its tolerance (100% is the edge).",
         "✅ pass, ❌ fail, ⚠️ known difference, 💥 NaN or infinity, 🚫 invalid case file, ➖ fewer than two engines ran.",
@@ -187,8 +214,13 @@ def to_markdown(table: Table) -> str:
     for case in table.cases:
         row = table.cells[case]
         lines.append(f"| {case} | " + " | ".join(cell_text(row.get(c.label)) for c in table.columns) + " |")
-    lines += ["", "### Columns", "", "| column | " + " | ".join(VERSION_KEYS) + " | Keras used | BLAS | oneDNN |",
-              "|---|" + "---|" * (len(VERSION_KEYS) + 3)]
+    lines += [
+        "",
+        "### Columns",
+        "",
+        "| column | " + " | ".join(VERSION_KEYS) + " | Keras used | BLAS | oneDNN |",
+        "|---|" + "---|" * (len(VERSION_KEYS) + 3),
+    ]
     for c in table.columns:
         lines.append(f"| {c.label} | " + " | ".join(_environment_row(c.environment)) + " |")
     return "\n".join(lines) + "\n"
@@ -197,14 +229,24 @@ def to_markdown(table: Table) -> str:
 def _environment_row(env: dict) -> list[str]:
     """The versions, the Keras API the run used, the BLAS and oneDNN of one column."""
     keras = ", ".join(env.get("keras_api") or []) or (f"keras {env['keras']}" if env.get("keras") else "–")
-    return [*(str(env.get(k) or "–") for k in VERSION_KEYS), keras, _blas_text(env.get("blas")),
-            str(env.get("TF_ENABLE_ONEDNN_OPTS", "–"))]
+    return [
+        *(str(env.get(k) or "–") for k in VERSION_KEYS),
+        keras,
+        _blas_text(env.get("blas")),
+        str(env.get("TF_ENABLE_ONEDNN_OPTS", "–")),
+    ]
 
 
 def _blas_text(blas: Any) -> str:
     if isinstance(blas, list):
-        return ", ".join(f"{b.get('internal_api')} {b.get('version') or ''} ({b.get('num_threads')} threads)".replace("  ", " ")
-                         for b in blas if b.get("internal_api") != "openmp") or "–"
+        return (
+            ", ".join(
+                f"{b.get('internal_api')} {b.get('version') or ''} ({b.get('num_threads')} threads)".replace("  ", " ")
+                for b in blas
+                if b.get("internal_api") != "openmp"
+            )
+            or "–"
+        )
     if isinstance(blas, dict) and blas:
         return f"{blas.get('name', '')} {blas.get('version', '')}".strip()
     return "–"
@@ -245,7 +287,7 @@ def worst_plot_svg(table: Table) -> str | None:
     fig.savefig(buffer, format="svg")
     plt.close(fig)
     svg = buffer.getvalue()
-    return svg[svg.index("<svg"):]
+    return svg[svg.index("<svg") :]
 
 
 def to_html(table: Table) -> str:
@@ -262,15 +304,26 @@ def to_html(table: Table) -> str:
                 continue
             tip = "; ".join(filter(None, [cell.verdict, cell.worst and f"worst: {cell.worst}", cell.change]))
             style = f"background:{COLOUR[cell.verdict]}" + (";outline:3px solid #d60;outline-offset:-3px" if cell.change else "")
-            tds.append(f'<td style="{style}" title="{e(tip)}">{e(cell_text(cell, icons=False).replace("**", "").replace("🔺", "▲"))}</td>')
+            tds.append(
+                f'<td style="{style}" title="{e(tip)}">{e(cell_text(cell, icons=False).replace("**", "").replace("🔺", "▲"))}</td>'
+            )
         rows.append(f"<tr><th>{e(case)}</th>{''.join(tds)}</tr>")
     versions = "".join(
         f"<tr><th>{e(c.label)}</th>" + "".join(f"<td>{e(v)}</td>" for v in _environment_row(c.environment)) + "</tr>"
-        for c in table.columns)
+        for c in table.columns
+    )
     svg = worst_plot_svg(table)
     plot = svg if svg else "<p>(install manualprop[report] for the plot)</p>"
     changed = sum(c.change is not None for row in table.cells.values() for c in row.values())
-    note = (f"<p>{changed} cell(s) changed since the previous table (outlined).</p>" if changed else "<p>No change since the previous table.</p>") if table.previous else ""
+    note = (
+        (
+            f"<p>{changed} cell(s) changed since the previous table (outlined).</p>"
+            if changed
+            else "<p>No change since the previous table.</p>"
+        )
+        if table.previous
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>manualprop compatibility table</title>
 <style>
@@ -284,11 +337,11 @@ thead th {{ background: #f4f4f4; }}
 <p>Each cell: the verdict and the worst error as a fraction of its tolerance (100% is the edge):
 pass, fail, known (a declared known difference), invalid (the case file did not load), not compared
 (fewer than two engines ran). An outlined cell changed since the previous table. Hover a cell for details.</p>
-<table><thead><tr><th>case</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>
+<table><thead><tr><th>case</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 <h2>Worst error per case</h2>
 {plot}
 <h2>Columns</h2>
-<table><thead><tr><th>column</th>{''.join(f'<th>{k}</th>' for k in VERSION_KEYS)}<th>Keras used</th><th>BLAS</th><th>oneDNN</th></tr></thead>
+<table><thead><tr><th>column</th>{"".join(f"<th>{k}</th>" for k in VERSION_KEYS)}<th>Keras used</th><th>BLAS</th><th>oneDNN</th></tr></thead>
 <tbody>{versions}</tbody></table>
 </body></html>
 """

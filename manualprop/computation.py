@@ -12,20 +12,18 @@ Who contributes what:
 
 * a layer kind (:data:`LAYER_KINDS`, keyed by the kind's name; every layer is ``dense`` today)
   gives its forward quantities and its backward ones, including the gradient it passes down;
+  a new kind (conv, batch norm) is one more entry whose ``forward`` and ``backward`` return its
+  own quantities (batch norm's mean and variance, its dgamma, dbeta), read from its trace;
 * the loss gives the loss and its gradient, which reaches the last layer as dA, or as dZ for a
   loss taken on the logits (cross-entropy): the last layer then starts its backward at dW;
-* the optimizer gives, per parameter, the updated value and the delta (plain SGD keeps no state).
+* the optimizer gives, per parameter, each step's change and its state after the step (m, v,
+  the velocity: shown, not searched, as not every engine exposes it), then the updated value and
+  the delta over all steps.
 
-How the next issue fits in, without a change to the walk's shape:
-
-* several optimization steps: the walk is repeated once per step, each quantity's Step carrying
-  its index in ``Step.step`` (None while a case runs one step, so today's Steps are unchanged);
-  diagnose then finds the first step, and within it the first quantity, that differs;
-* optimizer state: an optimizer contributes, after each parameter's update, its state (m, v, the
-  velocity) as quantities ``Step("m", None, "layers.0.kernel", step)``, with their phase ``update``;
-* a new layer kind (conv, batch norm) is one more entry in :data:`LAYER_KINDS` whose ``forward``
-  and ``backward`` return its own quantities (batch norm's mean and variance, its dgamma,
-  dbeta), read from the fields its trace keeps.
+One plain SGD step keeps today's Steps (``Step.step`` None); any other optimizer, or several
+steps, repeats the walk per step with the step's index in ``Step.step``, read from each run's
+``history``, so diagnose meets the first step that differs first, and within it the first
+quantity.
 """
 
 from __future__ import annotations
@@ -86,9 +84,9 @@ class Quantity:
 def value(run: EngineRun | StepResult, step: Step) -> np.ndarray | None:
     """The quantity ``step`` from an engine's run (or its StepResult), None where it has none.
     A Step of one of several optimization steps reads that step's record of the run's history."""
-    result = getattr(run, "result", run)
+    result = result_of(run)
     if step.step is not None:
-        return _of_step(result, step)
+        return _of_step(result, step.step, step)
     if step.field == "loss":
         return np.array(result.loss)
     if step.label == "delta":
@@ -98,19 +96,25 @@ def value(run: EngineRun | StepResult, step: Step) -> np.ndarray | None:
     return getattr(result.trace[step.layer], step.field)
 
 
-def _of_step(result: StepResult, step: Step) -> np.ndarray | None:
-    if step.step >= len(result.history):
+def result_of(run: EngineRun | StepResult) -> StepResult:
+    """What an engine's run returned (a StepResult is its own)."""
+    return run if isinstance(run, StepResult) else run.output
+
+
+def _of_step(result: StepResult, index: int, step: Step) -> np.ndarray | None:
+    if index >= len(result.history):
         return None
-    record = result.history[step.step]
+    record = result.history[index]
     if step.field == "loss":
         return np.array(record.loss)
     if step.label == "delta":
         return record.deltas.get(step.field)
     if step.layer is None:  # the optimizer's state: Step(state name, None, parameter)
         return record.state.get(step.field, {}).get(step.label)
-    if not record.trace or len(record.trace) <= step.layer:
+    trace = record.trace if record.trace else (result.trace if index == 0 else None)  # step 1's: the run's own trace
+    if not trace or len(trace) <= step.layer:
         return None
-    return getattr(record.trace[step.layer], step.field)
+    return getattr(trace[step.layer], step.field)
 
 
 class LayerKind(Protocol):
@@ -131,10 +135,20 @@ class Dense:
         layer = case.layers[i]
         name = layer.activation if layer.activation != "leaky_relu" else f"leaky_relu, alpha {layer.alpha:g}"
         return [
-            Quantity(Step("Z", i, "Z"), f"layer {i} ({name}) forward: Z", "Z = A_prev @ W + b", "forward",
-                     "the linear step Z = A_prev @ W + b (the weights, their layout, the bias)"),
-            Quantity(Step("A", i, "A"), f"layer {i} ({name}) forward: A", f"A = {layer.activation}(Z)", "forward",
-                     "the activation (forward)"),
+            Quantity(
+                Step("Z", i, "Z"),
+                f"layer {i} ({name}) forward: Z",
+                "Z = A_prev @ W + b",
+                "forward",
+                "the linear step Z = A_prev @ W + b (the weights, their layout, the bias)",
+            ),
+            Quantity(
+                Step("A", i, "A"),
+                f"layer {i} ({name}) forward: A",
+                f"A = {layer.activation}(Z)",
+                "forward",
+                "the activation (forward)",
+            ),
         ]
 
     def backward(self, case: Case, i: int, given: str | None) -> list[Quantity]:
@@ -142,21 +156,52 @@ class Dense:
         out = []
         if given != "dZ":
             gradient = "the error gradient at the output layer" if top else "the aggregated error gradient"
-            out.append(Quantity(Step("dZ", i, "dZ"), f"layer {i} backward: dZ, {gradient}", "dZ = dL/dZ = dA * f'(Z)",
-                                "backward", "the activation derivative"))
-        dW = Quantity(Step("dW", i, "dW"), f"layer {i} backward: dW", "dW = A_prev.T @ dZ", "backward",
-                      "the kernel gradient dW = A_prev.T @ dZ")
+            out.append(
+                Quantity(
+                    Step("dZ", i, "dZ"),
+                    f"layer {i} backward: dZ, {gradient}",
+                    "dZ = dL/dZ = dA * f'(Z)",
+                    "backward",
+                    "the activation derivative",
+                )
+            )
+        dW = Quantity(
+            Step("dW", i, "dW"),
+            f"layer {i} backward: dW",
+            "dW = A_prev.T @ dZ",
+            "backward",
+            "the kernel gradient dW = A_prev.T @ dZ",
+        )
         if layer.layout == "weight":  # the case file's own layout, as nn.Linear.weight.grad
-            dW = Quantity(dW.at, f"layer {i} backward: dW, (out, in) as the case gives weight", "dW = dZ.T @ A_prev",
-                          dW.phase, dW.meaning, present=np.transpose)
+            dW = Quantity(
+                dW.at,
+                f"layer {i} backward: dW, (out, in) as the case gives weight",
+                "dW = dZ.T @ A_prev",
+                dW.phase,
+                dW.meaning,
+                present=np.transpose,
+            )
         out.append(dW)
         if layer.bias is not None:  # every engine leaves db empty for a layer without bias
-            out.append(Quantity(Step("db", i, "db"), f"layer {i} backward: db", "db = dZ summed over the batch", "backward",
-                                "the bias gradient db = dZ summed over the batch"))
+            out.append(
+                Quantity(
+                    Step("db", i, "db"),
+                    f"layer {i} backward: db",
+                    "db = dZ summed over the batch",
+                    "backward",
+                    "the bias gradient db = dZ summed over the batch",
+                )
+            )
         if i > 0:
-            out.append(Quantity(Step("dA", i - 1, "dA"), f"layer {i - 1} backward: dA",
-                                "dA = dL/dA: from the layer above, dA = dZ_next @ W_next.T", "backward",
-                                "backpropagation through this layer's weights, dA_prev = dZ @ W.T (W, its layout)"))
+            out.append(
+                Quantity(
+                    Step("dA", i - 1, "dA"),
+                    f"layer {i - 1} backward: dA",
+                    "dA = dL/dA: from the layer above, dA = dZ_next @ W_next.T",
+                    "backward",
+                    "backpropagation through this layer's weights, dA_prev = dZ @ W.T (W, its layout)",
+                )
+            )
         return out
 
 
@@ -171,17 +216,30 @@ def _loss(case: Case) -> list[Quantity]:
     """The loss, then its gradient at the last layer: dA, or dZ for a loss on the logits."""
     last = len(case.layers) - 1
     expected = case.expected.loss if case.expected is not None else None
-    loss = Quantity(Step("loss", None, "loss"), "loss",
-                    f"{case.loss} ({case.reduction}, scale {case.scale:g}) of the last A against the targets", "loss",
-                    "the loss value (its formula, reduction or scale)",
-                    expected=None if expected is None else np.array(expected))
+    loss = Quantity(
+        Step("loss", None, "loss"),
+        "loss",
+        f"{case.loss} ({case.reduction}, scale {case.scale:g}) of the last A against the targets",
+        "loss",
+        "the loss value (its formula, reduction or scale)",
+        expected=None if expected is None else np.array(expected),
+    )
     if concepts.loss(case.loss).on_logits:
-        gradient = Quantity(Step("loss gradient", last, "dZ"), f"layer {last} backward: the error gradient at the output layer",
-                            "dZ = dL/dZ = p * sum(t) - t (softmax with cross-entropy, on the logits), over N for a mean",
-                            "backward", "the loss gradient on the logits, dL/dZ = p * sum(t) - t (cross-entropy through softmax)")
+        gradient = Quantity(
+            Step("loss gradient", last, "dZ"),
+            f"layer {last} backward: the error gradient at the output layer",
+            "dZ = dL/dZ = p * sum(t) - t (softmax with cross-entropy, on the logits), over N for a mean",
+            "backward",
+            "the loss gradient on the logits, dL/dZ = p * sum(t) - t (cross-entropy through softmax)",
+        )
     else:
-        gradient = Quantity(Step("loss gradient", last, "dA"), f"layer {last} backward: dA", "dA = dL/dA, the loss gradient",
-                            "backward", "the loss gradient dL/dy (its derivative, reduction or scale)")
+        gradient = Quantity(
+            Step("loss gradient", last, "dA"),
+            f"layer {last} backward: dA",
+            "dA = dL/dA, the loss gradient",
+            "backward",
+            "the loss gradient dL/dy (its derivative, reduction or scale)",
+        )
     return [loss, gradient]
 
 
@@ -198,21 +256,36 @@ def _update(case: Case) -> list[Quantity]:
         present = None if shown == name else (lambda v, name=name: case.in_file_layout(name, v))
         delta = Step("delta", None, name)
         out += [
-            Quantity(Step("updated", None, name), f"{title}: updated" + after, "p - lr * dL/dp" if plain else optimizer.formula,
-                     "update", compared=False,
-                     expected=golden.updated.get(name) if golden is not None else None,
-                     derive=_plus(initial), source=delta, present=present),
-            Quantity(delta, f"{title}: delta" + after, f"delta = -lr * dL/dp (lr {case.lr:g})" if plain else
-                     f"delta = p after minus p before (lr {case.lr:g}, {_settings(case)})", "update",
-                     "the update p <- p - lr * dL/dp" if plain else f"the {optimizer.name} update",
-                     expected=golden.deltas.get(name) if golden is not None else None, present=present),
+            Quantity(
+                Step("updated", None, name),
+                f"{title}: updated" + after,
+                "p - lr * dL/dp" if plain else optimizer.formula,
+                "update",
+                compared=False,
+                expected=golden.updated.get(name) if golden is not None else None,
+                derive=_plus(initial),
+                source=delta,
+                present=present,
+            ),
+            Quantity(
+                delta,
+                f"{title}: delta" + after,
+                f"delta = -lr * dL/dp (lr {case.lr:g})"
+                if plain
+                else f"delta = p after minus p before (lr {case.lr:g}, {_settings(case)})",
+                "update",
+                "the update p <- p - lr * dL/dp" if plain else f"the {optimizer.name} update",
+                expected=golden.deltas.get(name) if golden is not None else None,
+                present=present,
+            ),
         ]
     return out
 
 
 def _settings(case: Case) -> str:
-    return ", ".join([case.optimizer, *(f"{k} {v:g}" if not isinstance(v, bool) else f"{k} {str(v).lower()}"
-                                        for k, v in case.hyper.items())])
+    return ", ".join(
+        [case.optimizer, *(f"{k} {v:g}" if not isinstance(v, bool) else f"{k} {str(v).lower()}" for k, v in case.hyper.items())]
+    )
 
 
 def _plus(initial: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -249,9 +322,15 @@ def walk(case: Case) -> list[Quantity]:
             expected = q.expected
             if q.at.field == "loss":
                 expected = None if golden_losses is None else np.array(golden_losses[k])
-            quantities.append(dataclasses.replace(
-                q, at=dataclasses.replace(q.at, step=k), heading=f"step {k + 1} of {case.steps}, {q.heading}", expected=expected,
-                source=None if q.source is None else dataclasses.replace(q.source, step=k)))
+            quantities.append(
+                dataclasses.replace(
+                    q,
+                    at=dataclasses.replace(q.at, step=k),
+                    heading=f"step {k + 1} of {case.steps}, {q.heading}",
+                    expected=expected,
+                    source=None if q.source is None else dataclasses.replace(q.source, step=k),
+                )
+            )
     return quantities + _update(case)
 
 
@@ -267,10 +346,27 @@ def _step_update(case: Case, optimizer: concepts.Optimizer) -> list[Quantity]:
         shown = case.shown_as(name)
         title = name if shown == name else f"{shown} (out, in)"
         present = None if shown == name else (lambda v, name=name: case.in_file_layout(name, v))
-        out.append(Quantity(Step("delta", None, name), f"{title}: this step's change", optimizer.formula, "update",
-                            f"the {optimizer.name} update", present=present))
-        out += [Quantity(Step(state, None, name), f"{title}: {optimizer.name}'s {state} after the step", "", "update",
-                         compared=False, present=present) for state in optimizer.active_state(case.hyper)]
+        out.append(
+            Quantity(
+                Step("delta", None, name),
+                f"{title}: this step's change",
+                f"{optimizer.formula} (lr {case.lr:g}, {_settings(case)})",
+                "update",
+                f"the {optimizer.name} update",
+                present=present,
+            )
+        )
+        out += [
+            Quantity(
+                Step(state, None, name),
+                f"{title}: {optimizer.name}'s {state} after the step",
+                "",
+                "update",
+                compared=False,
+                present=present,
+            )
+            for state in optimizer.active_state(case.hyper)
+        ]
     return out
 
 

@@ -17,6 +17,7 @@ the case file must write it, and ``frameworks`` says why.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -29,10 +30,24 @@ class Param:
     meaning: str
     frameworks: str = ""  # the frameworks' defaults, where they differ
     kind: type = float  # float, or bool for a switch (nesterov, amsgrad, centered)
+    low: float | None = None  # the smallest value allowed (inclusive, or exclusive with above_low)
+    below: float | None = None  # the values allowed lie below this one
+    above_low: bool = False  # low itself is excluded (epsilon > 0)
 
     @property
     def required(self) -> bool:
         return self.default is None
+
+    def problem(self, value: float | bool) -> str | None:
+        """Why ``value`` is not allowed, or None: ``beta1 must be in [0, 1), found 1.0``."""
+        if self.kind is bool or (self.low is None and self.below is None):
+            return None
+        low_ok = self.low is None or (value > self.low if self.above_low else value >= self.low)
+        if low_ok and (self.below is None or value < self.below):
+            return None
+        if self.below is None:
+            return f"{self.name} must be {'>' if self.above_low else '>='} {self.low:g}, found {value!r}"
+        return f"{self.name} must be in {'(' if self.above_low else '['}{self.low:g}, {self.below:g}), found {value!r}"
 
 
 @dataclass(frozen=True)
@@ -67,22 +82,39 @@ class Loss:
 SLOPE = Param("alpha", None, "slope", "PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3")
 
 # In this order the fuzzer draws them, simplest first (Hypothesis shrinks towards the front).
-ACTIVATIONS: dict[str, Activation] = {a.name: a for a in [
-    Activation("linear", "f(z) = z, f'(z) = 1"),
-    Activation("relu", "f(z) = max(0, z), f'(z) = 1 where z > 0 else 0"),
-    Activation("tanh", "f(z) = tanh z, f'(z) = 1 - a^2"),
-    Activation("sigmoid", "f(z) = 1 / (1 + e^-z), f'(z) = a (1 - a)"),
-    Activation("leaky_relu", "f(z) = z where z > 0 else alpha z, f'(z) = 1 where z > 0 else alpha", (SLOPE,)),
-    Activation("softmax", "f(z)_i = e^z_i / sum_j e^z_j per sample; dZ = A * (dA - sum(dA * A))",
-               elementwise=False, last_layer_only=True),
-]}
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in [
+        Activation("linear", "f(z) = z, f'(z) = 1"),
+        Activation("relu", "f(z) = max(0, z), f'(z) = 1 where z > 0 else 0"),
+        Activation("tanh", "f(z) = tanh z, f'(z) = 1 - a^2"),
+        Activation("sigmoid", "f(z) = 1 / (1 + e^-z), f'(z) = a (1 - a)"),
+        Activation("leaky_relu", "f(z) = z where z > 0 else alpha z, f'(z) = 1 where z > 0 else alpha", (SLOPE,)),
+        Activation(
+            "softmax",
+            "f(z)_i = e^z_i / sum_j e^z_j per sample; dZ = A * (dA - sum(dA * A))",
+            elementwise=False,
+            last_layer_only=True,
+        ),
+    ]
+}
 
-LOSSES: dict[str, Loss] = {l.name: l for l in [
-    Loss("mse", "(y - t)^2 per element; d/dy = 2 (y - t)", per="element"),
-    Loss("mae", "|y - t| per element; d/dy = sign(y - t)", per="element"),
-    Loss("categorical_crossentropy", "-sum_j t_j log softmax(z)_j per sample; d/dz = softmax(z) sum_j t_j - t",
-         per="sample", on_logits=True, last_activation="softmax", targets="one_hot", aliases=("cce",)),
-]}
+LOSSES: dict[str, Loss] = {
+    layer.name: layer
+    for layer in [
+        Loss("mse", "(y - t)^2 per element; d/dy = 2 (y - t)", per="element"),
+        Loss("mae", "|y - t| per element; d/dy = sign(y - t)", per="element"),
+        Loss(
+            "categorical_crossentropy",
+            "-sum_j t_j log softmax(z)_j per sample; d/dz = softmax(z) sum_j t_j - t",
+            per="sample",
+            on_logits=True,
+            last_activation="softmax",
+            targets="one_hot",
+            aliases=("cce",),
+        ),
+    ]
+}
 
 LOSS_ALIASES: dict[str, str] = {alias: loss.name for loss in LOSSES.values() for alias in loss.aliases}
 
@@ -97,40 +129,94 @@ class Optimizer:
     params: tuple[Param, ...] = ()
     state: tuple[str, ...] = ()  # the per-parameter state explain shows, in the formula's names
     state_when: dict[str, str] = field(default_factory=dict)  # a state kept only when this hyperparameter is set
+    normalized: bool = False  # the step divides by the gradient's own magnitude (manualprop.conditioning)
 
     def active_state(self, hyper: dict[str, float | bool]) -> list[str]:
         """The state this configuration keeps (Adam's vmax only with amsgrad, a buffer only with momentum)."""
         return [s for s in self.state if s not in self.state_when or hyper.get(self.state_when[s])]
 
-    def settings(self, given: dict[str, float | bool]) -> dict[str, float | bool]:
-        """Every hyperparameter: the ones given, the defaults for the rest (required ones must be given)."""
-        return {p.name: given[p.name] if given.get(p.name) is not None else p.default for p in self.params}
+    def settings(self, given: Mapping[str, float | bool | None]) -> dict[str, float | bool]:
+        """Every hyperparameter: the ones given, the defaults for the rest (required ones must be given:
+        one that is not is left out, and the case file reports it)."""
+        found = {p.name: given[p.name] if given.get(p.name) is not None else p.default for p in self.params}
+        return {name: value for name, value in found.items() if value is not None}
 
 
-EPSILON = Param("epsilon", None, "epsilon", "PyTorch's default is 1e-8 (Adagrad 1e-10), Keras's 1e-7")
-BETA1 = Param("beta1", 0.9, "first moment's decay")
-BETA2 = Param("beta2", 0.999, "second moment's decay")
+EPSILON = Param("epsilon", None, "epsilon", "PyTorch's default is 1e-8, Keras's 1e-7", low=0.0, above_low=True)
+BETA1 = Param("beta1", 0.9, "first moment's decay", low=0.0, below=1.0)
+BETA2 = Param("beta2", 0.999, "second moment's decay", low=0.0, below=1.0)
 AMSGRAD = Param("amsgrad", False, "switch to the running maximum of v", kind=bool)
 
 # In this order the fuzzer draws them, simplest first.
-OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in [
-    Optimizer("sgd", "g <- g + weight_decay p; b <- momentum b + g; d = g + momentum b if nesterov else b; p <- p - lr d",
-              (Param("momentum", 0.0, "momentum"), Param("nesterov", False, "nesterov", kind=bool),
-               Param("weight_decay", 0.0, "weight decay (L2, added to g)")), ("b",), {"b": "momentum"}),
-    Optimizer("adam", "m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)",
-              (BETA1, BETA2, EPSILON, AMSGRAD), ("m", "v", "vmax"), {"vmax": "amsgrad"}),
-    Optimizer("adamw", "p <- p (1 - lr weight_decay), then the adam update with g taken before the decay",
-              (BETA1, BETA2, EPSILON, Param("weight_decay", None, "weight decay", "PyTorch's default is 0.01, Keras's 0.004"),
-               AMSGRAD), ("m", "v", "vmax"), {"vmax": "amsgrad"}),
-    Optimizer("rmsprop", "s <- rho s + (1-rho) g^2; centered: a <- rho a + (1-rho) g, s~ = s - a^2; "
-              "b <- mu b + g/(sqrt(s~) + eps), p <- p - lr b (mu = 0: p <- p - lr g/(sqrt(s~) + eps))",
-              (Param("rho", None, "decay of the mean square (rho)", "PyTorch's alpha defaults to 0.99, Keras's rho to 0.9"),
-               EPSILON, Param("momentum", 0.0, "momentum"), Param("centered", False, "centered", kind=bool)), ("s", "a", "b"),
-              {"a": "centered", "b": "momentum"}),
-    Optimizer("adagrad", "acc <- acc + g^2; p <- p - lr g/(sqrt(acc) + eps)",
-              (Param("initial_accumulator", None, "initial accumulator",
-                     "PyTorch's default is 0, Keras's 0.1"), EPSILON), ("acc",)),
-]}
+OPTIMIZERS: dict[str, Optimizer] = {
+    o.name: o
+    for o in [
+        Optimizer(
+            "sgd",
+            "g <- g + weight_decay p; b <- momentum b + g; d = g + momentum b if nesterov else b; p <- p - lr d",
+            (
+                Param("momentum", 0.0, "momentum", low=0.0),
+                Param("nesterov", False, "nesterov", kind=bool),
+                Param("weight_decay", 0.0, "weight decay (L2, added to g)", low=0.0),
+            ),
+            ("b",),
+            {"b": "momentum"},
+        ),
+        Optimizer(
+            "adam",
+            "m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)",
+            (BETA1, BETA2, EPSILON, AMSGRAD),
+            ("m", "v", "vmax"),
+            {"vmax": "amsgrad"},
+            normalized=True,
+        ),
+        Optimizer(
+            "adamw",
+            "p <- p (1 - lr weight_decay), then the adam update with g taken before the decay",
+            (
+                BETA1,
+                BETA2,
+                EPSILON,
+                Param("weight_decay", None, "weight decay", "PyTorch's default is 0.01, Keras's 0.004", low=0.0),
+                AMSGRAD,
+            ),
+            ("m", "v", "vmax"),
+            {"vmax": "amsgrad"},
+            normalized=True,
+        ),
+        Optimizer(
+            "rmsprop",
+            "s <- rho s + (1-rho) g^2; centered: a <- rho a + (1-rho) g, s~ = s - a^2; "
+            "b <- mu b + g/(sqrt(s~) + eps), p <- p - lr b (mu = 0: p <- p - lr g/(sqrt(s~) + eps))",
+            (
+                Param(
+                    "rho",
+                    None,
+                    "decay of the mean square (rho)",
+                    "PyTorch's alpha defaults to 0.99, Keras's rho to 0.9",
+                    low=0.0,
+                    below=1.0,
+                ),
+                EPSILON,
+                Param("momentum", 0.0, "momentum", low=0.0),
+                Param("centered", False, "centered", kind=bool),
+            ),
+            ("s", "a", "b"),
+            {"a": "centered", "b": "momentum"},
+            normalized=True,
+        ),
+        Optimizer(
+            "adagrad",
+            "acc <- acc + g^2; p <- p - lr g/(sqrt(acc) + eps)",
+            (
+                Param("initial_accumulator", None, "initial accumulator", "PyTorch's default is 0, Keras's 0.1", low=0.0),
+                Param("epsilon", None, "epsilon", "PyTorch's default is 1e-10, Keras's 1e-7", low=0.0, above_low=True),
+            ),
+            ("acc",),
+            normalized=True,
+        ),
+    ]
+}
 
 
 def loss(name: str) -> Loss:

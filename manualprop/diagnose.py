@@ -23,20 +23,28 @@ from itertools import combinations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .case import Case
 from .compare import compare, tolerated
-from .computation import Quantity, Step, comparable, value
+from .computation import Quantity, Step, comparable, result_of, value
 from .engines import StepResult
 
 if TYPE_CHECKING:
     from .harness import EngineRun
 
 BEFORE = {
-    "Z": "", "A": "Z agrees; ", "loss": "the forward pass agrees; ", "loss gradient": "the forward pass and the loss agree; ",
-    "dZ": "forward agrees; ", "dW": "forward agrees; ", "db": "forward agrees; ", "dA": "forward agrees; ",
+    "Z": "",
+    "A": "Z agrees; ",
+    "loss": "the forward pass agrees; ",
+    "loss gradient": "the forward pass and the loss agree; ",
+    "dZ": "forward agrees; ",
+    "dW": "forward agrees; ",
+    "db": "forward agrees; ",
+    "dA": "forward agrees; ",
     "delta": "every intermediate agrees; ",
 }
+
 
 @dataclass
 class Diagnosis:
@@ -52,8 +60,14 @@ class Diagnosis:
 
     def to_json(self) -> dict:
         return {
-            "quantity": self.quantity, "layer": self.layer, "engine": self.engine, "agreeing": self.agreeing,
-            "line": self.line, "sentence": self.sentence, "oracle_distance": self.oracle_distance, "hints": self.hints,
+            "quantity": self.quantity,
+            "layer": self.layer,
+            "engine": self.engine,
+            "agreeing": self.agreeing,
+            "line": self.line,
+            "sentence": self.sentence,
+            "oracle_distance": self.oracle_distance,
+            "hints": self.hints,
         }
 
 
@@ -62,11 +76,16 @@ def order(case: Case) -> list[Step]:
     return [q.at for q in comparable(case)]
 
 
-def uncertainty(run: "EngineRun | StepResult", step: Step) -> np.ndarray | float:
+def uncertainty(run: EngineRun | StepResult, step: Step) -> np.ndarray | float:
     """What an engine states of its own error on ``step`` (the oracle does), else 0."""
-    result = getattr(run, "result", run)
+    result = result_of(run)
     if step.label == "delta":
-        return result.uncertainty.get(step.field, 0.0)
+        stated = result.uncertainty.get(step.field, 0.0)
+        # One step's own change, p_k+1 - p_k: the oracle's bound grows step by step, so the one it
+        # states for p_N - p_0 bounds each p_k - p_0 too, and twice it bounds the step's change.
+        return stated if step.step is None else 2 * np.asarray(stated)
+    if step.step not in (None, 0):
+        return 0.0 if step.field == "loss" else np.inf  # no stated bound for a later step's trace: not judged there
     if step.layer is None or len(result.trace) <= step.layer:
         return 0.0
     return result.trace[step.layer].uncertainty.get(step.field, 0.0)
@@ -77,15 +96,24 @@ def agree(case: Case, step: Step, a: np.ndarray, b: np.ndarray, allowance=0.0) -
     return compare(step.field, "a", a, "b", b, case.rtol, case.atol, reference=reference, allowance=allowance).ok
 
 
-def oracle_distance(case: Case, run: "EngineRun", oracle: "EngineRun") -> float:
+def oracle_distance(case: Case, run: EngineRun, oracle: EngineRun) -> float:
     """The worst |delta - oracle delta| as a fraction of the tolerance, over every parameter."""
     worst = 0.0
     for name, initial in case.parameters().items():
-        mine, precise = run.result.deltas.get(name), oracle.result.deltas.get(name)
+        mine, precise = run.output.deltas.get(name), oracle.output.deltas.get(name)
         if mine is None or precise is None or np.shape(mine) != np.shape(precise):
             return float("inf")
-        c = compare(name, run.engine, mine, oracle.engine, precise, case.rtol, case.atol, reference=initial,
-                    allowance=oracle.result.uncertainty.get(name, 0.0))
+        c = compare(
+            name,
+            run.engine,
+            mine,
+            oracle.engine,
+            precise,
+            case.rtol,
+            case.atol,
+            reference=initial,
+            allowance=oracle.output.uncertainty.get(name, 0.0),
+        )
         worst = max(worst, c.worst_ratio)
     return worst
 
@@ -112,7 +140,7 @@ class _Verdict:
     why_not: str = ""
 
 
-def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") -> Diagnosis | None:
+def diagnose(case: Case, runs: list[EngineRun], oracle: EngineRun | None) -> Diagnosis | None:
     """The first divergence among ``runs`` (engines that ran), arbitrated by ``oracle`` when given."""
     if not runs or (len(runs) < 2 and oracle is None):
         return None
@@ -122,24 +150,34 @@ def diagnose(case: Case, runs: list["EngineRun"], oracle: "EngineRun | None") ->
         step = q.at
         values = {r.engine: v for r in runs if (v := value(r, step)) is not None}
         precise = value(oracle, step) if oracle is not None else None
-        if len(values) + (precise is not None) < 2 or (precise is not None and np.shape(precise) != np.shape(next(iter(values.values()), precise))):
+        if len(values) + (precise is not None) < 2 or (
+            precise is not None and np.shape(precise) != np.shape(next(iter(values.values()), precise))
+        ):
             continue
         together = {(a, b): agree(case, step, values[a], values[b]) for a, b in combinations(values, 2)}
-        off = [] if precise is None else [n for n in values if not agree(case, step, values[n], precise, uncertainty(oracle, step))]
+        stated = uncertainty(oracle, step) if oracle is not None and precise is not None else 0.0  # the oracle's own error
+        off = [] if precise is None else [n for n in values if not agree(case, step, values[n], precise, stated)]
         if all(together.values()) and not off:
             continue
-        if precise is not None and not off and precise_enough(case, step, precise, uncertainty(oracle, step)):
+        if precise is not None and not off and precise_enough(case, step, precise, stated):
             unsettled = unsettled or q  # rounding, which the oracle can judge: look further
             continue
         verdict = _blame(values, together, off, precise is not None)
         return _describe(case, q, verdict, values, distance, runs, oracle)
     if unsettled is not None:
-        return _describe(case, unsettled, _Verdict(None, [], "each is within the tolerance of the oracle: rounding"),
-                         {r.engine: value(r, unsettled.at) for r in runs}, distance, runs, oracle)
+        return _describe(
+            case,
+            unsettled,
+            _Verdict(None, [], "each is within the tolerance of the oracle: rounding"),
+            {r.engine: value(r, unsettled.at) for r in runs},
+            distance,
+            runs,
+            oracle,
+        )
     return None
 
 
-def precise_enough(case: Case, step: Step, precise: np.ndarray, error) -> bool:
+def precise_enough(case: Case, step: Step, precise: ArrayLike, error: ArrayLike) -> bool:
     """The oracle can tell a fault from rounding where its uncertainty is under a tenth of the tolerance."""
     initial = case.parameters().get(step.field) if step.label == "delta" else None
     return bool(np.all(np.asarray(error) <= 0.1 * tolerated(case.rtol, case.atol, precise, initial)))
@@ -162,7 +200,9 @@ def _blame(values: dict, together: dict, off: list[str], have_oracle: bool) -> _
         return _Verdict(vote, [], "" if vote else "no majority, and the oracle has no value here")
     if vote is not None and off != [vote]:
         sides = f"the oracle finds {', '.join(off)} far from it" if off else "the oracle finds every engine within its tolerance"
-        return _Verdict(None, off, f"the majority blames {vote} but {sides}: the vote and the oracle disagree, so no engine is blamed")
+        return _Verdict(
+            None, off, f"the majority blames {vote} but {sides}: the vote and the oracle disagree, so no engine is blamed"
+        )
     if len(off) == 1:
         return _Verdict(off[0], off)
     if not off:
@@ -188,8 +228,14 @@ def _describe(case: Case, q: Quantity, verdict: _Verdict, values: dict, distance
 
     step, meaning = q.at, q.meaning
     what = {"delta": "the delta", "dA": f"dA (passed down to layer {step.layer})"}.get(step.label, step.label)
-    who = f"in {verdict.blamed}" if verdict.blamed else f"between {', '.join(values)}{' and the oracle' if verdict.off else ''} ({verdict.why_not})"
-    when = "" if step.step is None else f"step {step.step + 1} of {case.steps} (the steps before agree), "
+    who = (
+        f"in {verdict.blamed}"
+        if verdict.blamed
+        else f"between {', '.join(values)}{' and the oracle' if verdict.off else ''} ({verdict.why_not})"
+    )
+    when = ""
+    if step.step is not None and case.steps > 1:
+        when = f"step {step.step + 1} of {case.steps}" + (", the steps before it agreeing, " if step.step else ", ")
     sentence = f"{when}{where(case, step)}: {BEFORE.get(step.label, '')}{what} differs first {who}: {meaning}"
     layer = step.culprit_layer
     line = case.line_of(("layers", layer)) if layer is not None else None
@@ -202,7 +248,9 @@ def _describe(case: Case, q: Quantity, verdict: _Verdict, values: dict, distance
     return result
 
 
-def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: list[str], oracle_checked: bool) -> Diagnosis | None:
+def diagnose_expected(
+    case: Case, expected: list, result: StepResult, agreeing: list[str], oracle_checked: bool
+) -> Diagnosis | None:
     """Engines that agree, golden values that do not: where the person's own numbers went wrong.
 
     ``expected`` holds the golden-value comparisons of the engines' runs; ``result`` is one of the
@@ -218,8 +266,10 @@ def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: 
     failing = list(dict.fromkeys((c.param, c.extra.get("kind", "loss")) for c in wrong))  # (param, kind), once each
     labels = {key: key[0] if key[1] == "loss" else f"{exp.given_as.get(key[::-1], key[0])} ({key[1]})" for key in failing}
     who = ", ".join(agreeing) + (" and the oracle" if oracle_checked else "")
-    sentence = (f"the golden values differ from what {who} computed, and {'they agree with each other' if len(agreeing) > 1 or oracle_checked else 'it is the only engine'}: "
-                f"{', '.join(sorted(labels.values()))}")
+    sentence = (
+        f"the golden values differ from what {who} computed, and {'they agree with each other' if len(agreeing) > 1 or oracle_checked else 'it is the only engine'}: "
+        f"{', '.join(sorted(labels.values()))}"
+    )
     hints: list[str] = []
     for (param, kind), label in sorted(labels.items(), key=lambda kv: kv[1]):
         given = np.asarray(exp.loss if kind == "loss" else getattr(exp, kind)[param], dtype=np.float64)
@@ -227,12 +277,27 @@ def diagnose_expected(case: Case, expected: list, result: StepResult, agreeing: 
         if computed is None:
             continue
         layout = "weight" if exp.given_as.get((kind, param), param).endswith(".weight") else "kernel"
-        found = golden_hints(kind, param, given, np.asarray(computed, dtype=np.float64),
-                             None if kind == "loss" else params[param].astype(np.float64), case.lr, exp.rtol, exp.atol,
-                             batch=case.inputs.shape[0], outputs=case.targets.shape[1], scale=case.scale, layout=layout)
+        found = golden_hints(
+            kind,
+            param,
+            given,
+            np.asarray(computed, dtype=np.float64),
+            None if kind == "loss" else params[param].astype(np.float64),
+            case.lr,
+            exp.rtol,
+            exp.atol,
+            batch=case.inputs.shape[0],
+            outputs=case.targets.shape[1],
+            scale=case.scale,
+            layout=layout,
+        )
         hints += [f"{label}: {h}" for h in found]
     first = wrong[0]
     layer = int(first.param.split(".")[1]) if first.param.startswith("layers.") else None
     kind = first.extra.get("kind")
-    line = case.line_of(("expected", kind, exp.given_as.get((kind, first.param), first.param))) if kind else case.line_of(("expected", "loss"))
+    line = (
+        case.line_of(("expected", kind, exp.given_as.get((kind, first.param), first.param)))
+        if kind
+        else case.line_of(("expected", "loss"))
+    )
     return Diagnosis("golden values", layer, "expected", list(agreeing), line, sentence, hints=hints)

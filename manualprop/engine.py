@@ -20,14 +20,14 @@ without touching the registries everyone else uses.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import losses
 from .activations import ACTIVATIONS, Activation
 from .case import Case
-from .engines import LayerTrace, StepRecord, StepResult
+from .engines import LayerTrace, StepRecord, StepResult, filled
 from .losses import LOSSES, Loss
 from .optimizers import OPTIMIZERS, Optimizer
 
@@ -48,24 +48,25 @@ def forward(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS) -> list[La
 def loss_value(case: Case, traces: list[LayerTrace], loss_fns: Mapping[str, Loss] = LOSSES) -> float:
     """L = scale * reduce(terms(y, t)), y the output A (or Z for cross-entropy on logits)."""
     loss = loss_fns[case.loss]
-    y = traces[-1].Z if loss.on_logits else traces[-1].A
+    y = filled(traces[-1].Z if loss.on_logits else traces[-1].A)
     return float(losses.reduce(loss.terms(y, case.targets), case.reduction, case.scale))
 
 
-def backward(case: Case, traces: list[LayerTrace], acts: Mapping[str, Activation] = ACTIVATIONS,
-             loss_fns: Mapping[str, Loss] = LOSSES) -> None:
+def backward(
+    case: Case, traces: list[LayerTrace], acts: Mapping[str, Activation] = ACTIVATIONS, loss_fns: Mapping[str, Loss] = LOSSES
+) -> None:
     """Fill dA, dZ, dW and db of every trace, from the last layer to the first."""
     loss = loss_fns[case.loss]
     last = traces[-1]
     if loss.on_logits:
-        last.dZ = losses.gradient(loss, last.Z, case.targets, case.reduction, case.scale)
+        last.dZ = losses.gradient(loss, filled(last.Z), case.targets, case.reduction, case.scale)
     else:
-        last.dA = losses.gradient(loss, last.A, case.targets, case.reduction, case.scale)
+        last.dA = losses.gradient(loss, filled(last.A), case.targets, case.reduction, case.scale)
     for i in reversed(range(len(case.layers))):
         layer, trace = case.layers[i], traces[i]
         if trace.dZ is None:
-            trace.dZ = acts[layer.activation].backward(trace.dA, trace.Z, trace.A, layer.alpha)
-        a_prev = traces[i - 1].A if i > 0 else case.inputs
+            trace.dZ = acts[layer.activation].backward(filled(trace.dA), filled(trace.Z), filled(trace.A), layer.alpha)
+        a_prev = filled(traces[i - 1].A) if i > 0 else case.inputs
         trace.dW = a_prev.T @ trace.dZ
         trace.db = trace.dZ.sum(axis=0) if layer.bias is not None else None
         if i > 0:
@@ -76,14 +77,18 @@ def gradients(traces: list[LayerTrace]) -> dict[str, np.ndarray]:
     """dL/dp for every parameter, by name, kernels (in, out)."""
     grads = {}
     for i, trace in enumerate(traces):
-        grads[f"layers.{i}.kernel"] = trace.dW
+        grads[f"layers.{i}.kernel"] = filled(trace.dW)
         if trace.db is not None:
             grads[f"layers.{i}.bias"] = trace.db
     return grads
 
 
-def run_steps(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS, loss_fns: Mapping[str, Loss] = LOSSES,
-              optimizers: Mapping[str, Optimizer] = OPTIMIZERS) -> StepResult:
+def run_steps(
+    case: Case,
+    acts: Mapping[str, Activation] = ACTIVATIONS,
+    loss_fns: Mapping[str, Loss] = LOSSES,
+    optimizers: Mapping[str, Optimizer] = OPTIMIZERS,
+) -> StepResult:
     """The case's steps: forward, loss, backward and the update, ``case.steps`` times on the same batch."""
     optimizer = optimizers[case.optimizer]
     initial = case.parameters()
@@ -97,8 +102,14 @@ def run_steps(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS, loss_fns
         backward(current, traces, acts, loss_fns)
         grads = gradients(traces)
         updated = {name: optimizer.update(p, grads[name], state[name], t, case.lr, case.hyper) for name, p in params.items()}
-        history.append(StepRecord(loss, {n: updated[n] - params[n] for n in params},
-                                  {n: {k: v.copy() for k, v in s.items()} for n, s in state.items()}, traces))
+        history.append(
+            StepRecord(
+                loss,
+                {n: updated[n] - params[n] for n in params},
+                {n: {k: v.copy() for k, v in s.items()} for n, s in state.items()},
+                traces,
+            )
+        )
         params = updated
     deltas = {name: params[name] - initial[name] for name in initial}
     return StepResult(loss=history[0].loss, deltas=deltas, trace=history[0].trace, history=history)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +45,13 @@ class LayerTrace:
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # field -> what the engine knows of its error
 
 
+def filled(value: np.ndarray | None) -> np.ndarray:
+    """A trace field the computation needs, which the engine has filled (the NumPy engine fills every one)."""
+    if value is None:
+        raise ValueError("a trace field the computation needs was never filled")
+    return value
+
+
 @dataclass
 class StepRecord:
     """One of several steps: the loss before it, each parameter's change in it (kernels (in, out)),
@@ -68,9 +76,16 @@ class StepResult:
     loss before each); ``trace`` is the first step's.
     """
 
-    def __init__(self, loss: float, deltas: dict[str, np.ndarray], trace: list[LayerTrace] | None = None,
-                 uncertainty: dict[str, np.ndarray] | None = None, *,
-                 trace_factory: Callable[[], list[LayerTrace]] | None = None, history: list[StepRecord] | None = None):
+    def __init__(
+        self,
+        loss: float,
+        deltas: dict[str, np.ndarray],
+        trace: list[LayerTrace] | None = None,
+        uncertainty: dict[str, np.ndarray] | None = None,
+        *,
+        trace_factory: Callable[[], list[LayerTrace]] | None = None,
+        history: list[StepRecord] | None = None,
+    ):
         self.loss = loss
         self.deltas = deltas
         self.history = history or []
@@ -134,7 +149,7 @@ class Engine(Protocol):
 
     def unavailable(self) -> str | None: ...
 
-    def step(self, case: "Case") -> StepResult: ...
+    def step(self, case: Case) -> StepResult: ...
 
 
 BUILTIN: dict[str, str] = {

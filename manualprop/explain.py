@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import Case
 from . import engines
 from .computation import Step, walk
 from .harness import CaseResult
@@ -32,7 +31,7 @@ class Section:
 
 
 def sections(result: CaseResult) -> list[Section]:
-    case: Case = result.case
+    case = result.loaded
     runs = [result.runs[n] for n in result.ran]
     d = result.diagnosis
 
@@ -69,8 +68,10 @@ def render_terminal(result: CaseResult, precision: int = 8):
     from rich.console import Group
     from rich.markup import escape
 
-    case = result.case
-    parts = [f"[bold]{escape(case.name)}[/bold] ({escape(case.path)}, {case.dtype.name}, lr {case.lr:g}): {', '.join(result.ran)}"]
+    case = result.loaded
+    parts = [
+        f"[bold]{escape(case.name)}[/bold] ({escape(case.path)}, {case.dtype.name}, lr {case.lr:g}): {', '.join(result.ran)}"
+    ]
     parts += [f"[yellow]{escape(line)}[/yellow]" for line in not_run(result)]
     if result.diagnosis is not None:
         parts.append(f"[red]diagnosis: {escape(result.diagnosis.sentence)}[/red]")
@@ -90,9 +91,14 @@ def render_terminal(result: CaseResult, precision: int = 8):
 
 def render_markdown(result: CaseResult, precision: int = 8) -> str:
     """The same, as Markdown an instructor can hand out."""
-    case = result.case
-    lines = [f"# {case.name}", "", f"`{case.path}`, {case.dtype.name}, loss {case.loss} ({case.reduction}, scale {case.scale:g}), lr {case.lr:g}.",
-             f"Engines: {', '.join(result.ran)}.", ""]
+    case = result.loaded
+    lines = [
+        f"# {case.name}",
+        "",
+        f"`{case.path}`, {case.dtype.name}, loss {case.loss} ({case.reduction}, scale {case.scale:g}), lr {case.lr:g}.",
+        f"Engines: {', '.join(result.ran)}.",
+        "",
+    ]
     if case.description:
         lines += [case.description, ""]
     missing = not_run(result)

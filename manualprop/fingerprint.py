@@ -35,7 +35,9 @@ def _blas() -> list[dict[str, Any]] | dict[str, Any]:
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+        if not hasattr(np, "show_config"):
+            return {}
+        config = np.show_config(mode="dicts")
         return dict(config.get("Build Dependencies", {}).get("blas", {}))
     keys = ("internal_api", "version", "num_threads", "threading_layer", "architecture", "prefix")
     return [{k: lib[k] for k in keys if k in lib} for lib in threadpool_info()]

@@ -19,19 +19,18 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import yaml
 from hypothesis import HealthCheck, Phase, find, settings, strategies as st
 from hypothesis.errors import HypothesisWarning, NoSuchExample
 
-from . import engines as registry
-from . import variants
-from .concepts import ACTIVATIONS, LOSSES, OPTIMIZERS
+from . import engines as registry, variants
 from .case import case_from_data, parse_case
+from .concepts import ACTIVATIONS, LOSSES, OPTIMIZERS
 from .errors import CaseError
 from .harness import CaseResult, failed, run_case
 from .outcomes import Status
@@ -42,16 +41,24 @@ HIDDEN = [a.name for a in ACTIVATIONS.values() if not a.last_layer_only]
 LAST_ONLY = [a.name for a in ACTIVATIONS.values() if a.last_layer_only]
 PARAMETER_VALUES = {"alpha": [0.5, 0.25, 0.1, 0.01, 0.2, 0.3]}  # per declared parameter, by name
 # Per declared optimizer hyperparameter, by name (switches are drawn as booleans); simplest first.
-HYPER_VALUES = {"momentum": [0.0, 0.9, 0.5], "weight_decay": [0.0, 0.01, 0.1], "beta1": [0.9, 0.5], "beta2": [0.999, 0.9],
-                "epsilon": [1e-7, 1e-8, 1e-3], "rho": [0.9, 0.99], "initial_accumulator": [0.1, 0.0]}
+HYPER_VALUES = {
+    "momentum": [0.0, 0.9, 0.5],
+    "weight_decay": [0.0, 0.01, 0.1],
+    "beta1": [0.9, 0.5],
+    "beta2": [0.999, 0.9],
+    "epsilon": [1e-7, 1e-8, 1e-3],
+    "rho": [0.9, 0.99],
+    "initial_accumulator": [0.1, 0.0],
+}
 MAX_STEPS = 5
 LEARNING_RATES = [0.1, 1.0, 0.01, 0.5, 1e-3, 1e-4]
 WEIGHT_SCALES = [1.0, 0.5, 0.1, 2.0, 0.01, 3.0]
 LOSS_SCALES = [1.0, 0.5, 2.0, 0.1]
-LEAKY_FLOAT64 = ("in float64 TensorFlow rounds leaky_relu's slope to float32 "
-                 "(cases/canaries/keras_float64_leaky_slope.yaml)")
-TANH_FLOAT32 = ("TensorFlow's float32 tanh saturates to exactly 1 from |z| >= 8 and is less accurate near it "
-                "(cases/canaries/keras_float32_tanh_saturation.yaml)")
+LEAKY_FLOAT64 = "in float64 TensorFlow rounds leaky_relu's slope to float32 (cases/canaries/keras_float64_leaky_slope.yaml)"
+TANH_FLOAT32 = (
+    "TensorFlow's float32 tanh saturates to exactly 1 from |z| >= 8 and is less accurate near it "
+    "(cases/canaries/keras_float32_tanh_saturation.yaml)"
+)
 
 
 class _Hypothesis:
@@ -89,16 +96,17 @@ class _Random:
 def architecture(choose, optimizers: bool = False) -> dict:
     """What a compiled model depends on: dtype, loss, its reduction and scale, and the layers."""
     loss = choose.sampled_from(list(LOSSES))
-    arch = {"dtype": choose.sampled_from(["float64", "float32"]),
-            "loss": {"name": loss, "reduction": choose.sampled_from(["mean", "sum"]), "scale": choose.sampled_from(LOSS_SCALES)},
-            "features": choose.integers(1, 16), "layers": []}
+    arch = {
+        "dtype": choose.sampled_from(["float64", "float32"]),
+        "loss": {"name": loss, "reduction": choose.sampled_from(["mean", "sum"]), "scale": choose.sampled_from(LOSS_SCALES)},
+        "features": choose.integers(1, 16),
+        "layers": [],
+    }
     depth = choose.integers(1, 5)
+    needed = LOSSES[loss].last_activation
     for i in range(depth):
         last = i == depth - 1
-        if last and LOSSES[loss].last_activation:
-            activation = LOSSES[loss].last_activation
-        else:
-            activation = choose.sampled_from(HIDDEN + (LAST_ONLY if last else []))
+        activation = needed if last and needed else choose.sampled_from(HIDDEN + (LAST_ONLY if last else []))
         declared = ACTIVATIONS[activation]
         layer: dict = {"units": choose.integers(1 if declared.elementwise else 2, 16)}  # a softmax of one unit is constant
         params = {p.name: choose.sampled_from(PARAMETER_VALUES[p.name]) for p in declared.params}
@@ -107,7 +115,9 @@ def architecture(choose, optimizers: bool = False) -> dict:
         arch["layers"].append(layer)
     if optimizers:
         optimizer = OPTIMIZERS[choose.sampled_from(list(OPTIMIZERS))]
-        hyper = {p.name: choose.booleans() if p.kind is bool else choose.sampled_from(HYPER_VALUES[p.name]) for p in optimizer.params}
+        hyper = {
+            p.name: choose.booleans() if p.kind is bool else choose.sampled_from(HYPER_VALUES[p.name]) for p in optimizer.params
+        }
         arch["optimizer"] = {"name": optimizer.name, **hyper}
     return arch
 
@@ -116,7 +126,7 @@ def pool(size: int, seed: int, optimizers: bool = False) -> list[dict]:
     """``size`` architectures from ``seed``, simplest first (Hypothesis shrinks towards the front)."""
     rng = random.Random(seed)
     found = [architecture(_Random(rng), optimizers) for _ in range(size)]
-    return sorted(found, key=lambda a: (len(a["layers"]), sum(l["units"] for l in a["layers"]), a["features"]))
+    return sorted(found, key=lambda a: (len(a["layers"]), sum(layer["units"] for layer in a["layers"]), a["features"]))
 
 
 @st.composite
@@ -128,9 +138,14 @@ def case_data(draw, architectures: list[dict] | None = None, optimizers: bool = 
     weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
     layers, fan_in = [], arch["features"]
     for spec in arch["layers"]:
-        layers.append({"units": spec["units"], "activation": spec["activation"],
-                       "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)},
-                       "bias": {"random": "normal", "std": 0.1} if spec["bias"] else False})
+        layers.append(
+            {
+                "units": spec["units"],
+                "activation": spec["activation"],
+                "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)},
+                "bias": {"random": "normal", "std": 0.1} if spec["bias"] else False,
+            }
+        )
         fan_in = spec["units"]
     data = {
         "dtype": arch["dtype"],
@@ -153,13 +168,17 @@ def with_known_conventions(data: dict) -> dict:
     optimizer = data.get("optimizer")
     if optimizer is not None:  # Keras's own update formulas where no setting gives the SPEC's (manualprop.variants)
         hyper = OPTIMIZERS[optimizer["name"]].settings(optimizer)
-        pinned = [v for v in variants.VARIANTS if v.optimizer == optimizer["name"] and v.differs(hyper) and "cases/canaries/" in v.pinned]
+        pinned = [
+            v
+            for v in variants.VARIANTS
+            if v.optimizer == optimizer["name"] and v.differs(hyper) and "cases/canaries/" in v.pinned
+        ]
         if pinned:
             return {**data, "known_differences": {"keras": f"{pinned[0].who}: {pinned[0].formula} ({pinned[0].pinned})"}}
-    alphas = [l["activation"]["alpha"] for l in data["layers"] if isinstance(l["activation"], dict)]
+    alphas = [layer["activation"]["alpha"] for layer in data["layers"] if isinstance(layer["activation"], dict)]
     if data["dtype"] == "float64" and any(float(np.float32(a)) != a for a in alphas):
         return {**data, "known_differences": {"keras": LEAKY_FLOAT64}}
-    if data["dtype"] == "float32" and any(l["activation"] == "tanh" for l in data["layers"]):
+    if data["dtype"] == "float32" and any(layer["activation"] == "tanh" for layer in data["layers"]):
         return {**data, "known_differences": {"keras": TANH_FLOAT32}}
     return data
 
@@ -228,7 +247,7 @@ class Runner:
         if not self.shrinking:
             self.summary.cases += 1
             # The margin of the tolerances: comparisons of engines with no declared difference on this case.
-            plain = [c for c in result.comparisons if not {c.a, c.b} & set(result.case.known_differences)]
+            plain = [c for c in result.comparisons if not {c.a, c.b} & set(result.loaded.known_differences)]
             worst = max(plain, key=lambda c: c.worst_ratio, default=None)
             if not finding and worst is not None and worst.worst_ratio > self.summary.closest:
                 self.summary.closest = worst.worst_ratio
@@ -251,7 +270,7 @@ def _smaller(data: dict):
     plain_loss = {"name": "mse", "reduction": "mean", "scale": 1.0}
     for i in range(len(layers)):
         if len(layers) > 1:
-            rest = [l for j, l in enumerate(layers) if j != i]
+            rest = [layer for j, layer in enumerate(layers) if j != i]
             if LOSSES[loss["name"]].last_activation in (None, rest[-1]["activation"]):
                 yield {**data, "layers": rest}
             else:
@@ -261,7 +280,7 @@ def _smaller(data: dict):
     for i, layer in enumerate(layers):
         smallest = 1 if ACTIVATIONS[_name(layer["activation"])].elementwise else 2
         if layer["units"] > smallest:
-            yield {**data, "layers": [*layers[:i], {**layer, "units": smallest}, *layers[i + 1:]]}
+            yield {**data, "layers": [*layers[:i], {**layer, "units": smallest}, *layers[i + 1 :]]}
     batch, features = data["inputs"]["shape"]
     if batch > 1:
         yield {**data, "inputs": {**data["inputs"], "shape": [1, features]}}
@@ -293,7 +312,7 @@ def simplify_numbers(data: dict, still_fails: Callable[[dict], bool]) -> dict:
     explicit["inputs"] = case.inputs.astype(np.float64).tolist()
     explicit["targets"] = case.targets.astype(np.float64).tolist()
     explicit["layers"] = []
-    for spec, layer in zip(data["layers"], case.layers):
+    for spec, layer in zip(data["layers"], case.layers, strict=True):
         entry = {"units": spec["units"], "activation": spec["activation"], "kernel": layer.kernel.astype(np.float64).tolist()}
         entry["bias"] = False if layer.bias is None else layer.bias.astype(np.float64).tolist()
         explicit["layers"].append(entry)
@@ -347,9 +366,15 @@ def write_case(data: dict, out: Path, header: list[str], explain: Callable[[str,
     return path
 
 
-def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
-         progress: Callable[[Summary], None] | None = None, architectures: int | None = None,
-         optimizers: bool = False) -> Summary:
+def fuzz(
+    n: int,
+    seed: int,
+    out: Path,
+    engines: Iterable[str] | None = None,
+    progress: Callable[[Summary], None] | None = None,
+    architectures: int | None = None,
+    optimizers: bool = False,
+) -> Summary:
     """Run ``n`` random cases; write each distinct finding, minimised, to ``out``.
 
     Every case has an architecture of its own, unless ``architectures`` asks for a pool of that
@@ -367,8 +392,13 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
     signatures: set[str] = set()
     while summary.cases < n:
         runner = Runner(names, summary, progress)
-        config = settings(max_examples=n - summary.cases, database=None, deadline=None, phases=[Phase.generate, Phase.shrink],
-                          suppress_health_check=list(HealthCheck))
+        config = settings(
+            max_examples=n - summary.cases,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
         try:
             with warnings.catch_warnings():
                 # TensorFlow raises the recursion limit when it is imported, mid-run: harmless here.
@@ -376,7 +406,11 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
                 found = find(case_data(choices, optimizers), runner, settings=config, random=rng)
         except NoSuchExample:
             break
-        fails = lambda d: is_finding(runner.result(d) or CaseResult(""))  # noqa: E731
+
+        # Both closures take this iteration's runner as a default argument, bound here.
+        def fails(data: dict, runner: Runner = runner) -> bool:
+            return is_finding(runner.result(data) or CaseResult(""))
+
         minimal = simplify_numbers(reduce_structure(found, fails), fails)
         # One file per distinct fault: the same diagnosis (lines aside) found again is not written twice.
         again = runner.result(minimal)
@@ -386,14 +420,18 @@ def fuzz(n: int, seed: int, out: Path, engines: Iterable[str] | None = None,
             continue
         signatures.add(signature)
 
-        def explain(text: str, where: str) -> str:
+        def explain(text: str, where: str, runner: Runner = runner) -> str:
             result = run_case(parse_case(text, where, known_engines=runner.known), names)
             return result.diagnosis.sentence if result.diagnosis else "the engines disagree"
 
         flags = (f" --architectures {architectures}" if architectures else "") + (" --optimizers" if optimizers else "")
-        header = [f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
-                  "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed."]
+        header = [
+            f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
+            "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed.",
+        ]
         path = write_case(minimal, out, header, explain)
-        summary.findings.append(Finding(path, path.read_text(encoding="utf-8").splitlines()[2].removeprefix("# What disagreed: ")))
+        summary.findings.append(
+            Finding(path, path.read_text(encoding="utf-8").splitlines()[2].removeprefix("# What disagreed: "))
+        )
     summary.seconds = time.perf_counter() - start
     return summary

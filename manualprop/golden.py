@@ -84,9 +84,21 @@ class _Golden:
         return f"{self.shown}[{', '.join(str(int(i)) for i in index)}]" if index else self.shown
 
 
-def golden_hints(kind: str, param: str, given: np.ndarray, delta: np.ndarray, initial: np.ndarray | None,
-                 lr: float, rtol: float, atol: float, *, batch: int = 1, outputs: int = 1, scale: float = 1.0,
-                 layout: str = "kernel") -> list[str]:
+def golden_hints(
+    kind: str,
+    param: str,
+    given: np.ndarray,
+    delta: np.ndarray,
+    initial: np.ndarray | None,
+    lr: float,
+    rtol: float,
+    atol: float,
+    *,
+    batch: int = 1,
+    outputs: int = 1,
+    scale: float = 1.0,
+    layout: str = "kernel",
+) -> list[str]:
     """Sentences naming the slips that explain a golden value the agreeing engines do not reach.
 
     ``kind`` is "updated", "deltas" or "loss"; ``given`` the person's value as loaded (kernels
@@ -114,8 +126,21 @@ def _golden(kind, param, given, delta, initial, lr, rtol, atol, batch, outputs, 
         return None
     zero = np.zeros_like(delta)
     base, other = {"updated": (before, zero), "deltas": (zero, before)}.get(kind, (zero, zero))
-    return _Golden(kind, param, given, delta, base, other, float(lr), float(rtol), float(atol),
-                   int(batch), int(outputs), float(scale), layout)
+    return _Golden(
+        kind,
+        param,
+        given,
+        delta,
+        base,
+        other,
+        float(lr),
+        float(rtol),
+        float(atol),
+        int(batch),
+        int(outputs),
+        float(scale),
+        layout,
+    )
 
 
 # -- the slips -----------------------------------------------------------------------------
@@ -128,11 +153,15 @@ def _transposed(g: _Golden) -> str | None:
         return None
     i, j = compare(g.param, "given", mine, "engines", target, g.rtol, g.atol).worst_index
     a, b = _distinct(mine[i, j], target[i, j])
-    wrote, key, takes, other = {"kernel": ("(out, in)", "kernel", "(in, out)", "weight"),
-                                "weight": ("(in, out)", "weight", "(out, in)", "kernel")}[g.layout]
-    return (f"transposed: the values are written in the {wrote} layout, where `{key}:` takes {takes}; "
-            f"give them under `{g.name(other)}:` instead ({g.shown}[{i}, {j}] is {a}, the engines' [{j}, {i}]; "
-            f"their [{i}, {j}] is {b}).")
+    wrote, key, takes, other = {
+        "kernel": ("(out, in)", "kernel", "(in, out)", "weight"),
+        "weight": ("(in, out)", "weight", "(out, in)", "kernel"),
+    }[g.layout]
+    return (
+        f"transposed: the values are written in the {wrote} layout, where `{key}:` takes {takes}; "
+        f"give them under `{g.name(other)}:` instead ({g.shown}[{i}, {j}] is {a}, the engines' [{j}, {i}]; "
+        f"their [{i}, {j}] is {b})."
+    )
 
 
 def _swapped(g: _Golden) -> str | None:
@@ -143,9 +172,9 @@ def _swapped(g: _Golden) -> str | None:
     a, b = _distinct(g.given[i], g.target[i])
     return {
         "updated": f"the deltas written under `updated:`: {g.at(i)} is {a}, the engines' delta, where the value "
-                   f"after the step is {b}; move it under `deltas:`.",
+        f"after the step is {b}; move it under `deltas:`.",
         "deltas": f"the values after the step written under `deltas:`: {g.at(i)} is {a}, the engines' updated "
-                  f"value, where the delta is {b}; move it under `updated:`.",
+        f"value, where the delta is {b}; move it under `updated:`.",
     }[g.kind]
 
 
@@ -156,8 +185,7 @@ def _unchanged(g: _Golden) -> str | None:
     i = _largest(g)
     a, b = _distinct(g.given[i], g.target[i])
     return {
-        "updated": f"no update applied: the values are those before the step ({g.at(i)} is {a}; the engines "
-                   f"move it to {b}).",
+        "updated": f"no update applied: the values are those before the step ({g.at(i)} is {a}; the engines move it to {b}).",
         "deltas": f"the deltas are all zero where the engines' are not ({g.at(i)} is {a}, the engines' {b}).",
     }[g.kind]
 
@@ -170,10 +198,10 @@ def _factor(g: _Golden) -> str | None:
             factor = named[0][0] if named else -1.0
             reasons = flipped + (["; or ".join(why for _, why in named)] if named else [])
             return _factor_sentence(g, factor, reasons)
-    factor = _ratio(g)
-    if factor is None or factor == 0 or g.near_one(factor) or not g.fits(factor):
+    ratio = _ratio(g)
+    if ratio is None or ratio == 0 or g.near_one(ratio) or not g.fits(ratio):
         return None
-    return _factor_sentence(g, factor, [f"a constant factor, none of the usual slips ({_USUAL})"])
+    return _factor_sentence(g, ratio, [f"a constant factor, none of the usual slips ({_USUAL})"])
 
 
 def _one_element(g: _Golden) -> str | None:
@@ -191,10 +219,16 @@ def _one_line(g: _Golden) -> str | None:
         return None
     for axis, word in ((0, "row"), (1, "column")):
         wrong = [r for r in range(mine.shape[axis]) if not g.holds(mine.take(r, axis), target.take(r, axis))]
-        if len(wrong) == 1 and mine.shape[axis] > 1 and _mismatched(g, mine.take(wrong[0], axis), target.take(wrong[0], axis)) > 1:
+        if (
+            len(wrong) == 1
+            and mine.shape[axis] > 1
+            and _mismatched(g, mine.take(wrong[0], axis), target.take(wrong[0], axis)) > 1
+        ):
             a, b = _rows(g, mine.take(wrong[0], axis), target.take(wrong[0], axis))
-            return (f"one {word} is wrong: {word} {wrong[0]} of {g.shown} ({_LINE_MEANING[(g.layout, axis)]} {wrong[0]}) "
-                    f"is {a}, the engines' {b}; every other {word} holds.")
+            return (
+                f"one {word} is wrong: {word} {wrong[0]} of {g.shown} ({_LINE_MEANING[(g.layout, axis)]} {wrong[0]}) "
+                f"is {a}, the engines' {b}; every other {word} holds."
+            )
     return None
 
 
@@ -205,8 +239,10 @@ def _rounded(g: _Golden) -> str | None:
     if not 2 <= held < needed or not all(_holds_to(g, w, failing & (written == w)) for w in set(written[failing].tolist())):
         return None
     values, hold = ("values", "hold") if g.given.size > 1 else ("value", "holds")
-    return (f"too few digits: the {values} {hold} to {held} significant digits ({_example(g, _worst(g))}); "
-            f"the tolerance ({_tolerance(g)}) asks for about {needed}: print more digits.")
+    return (
+        f"too few digits: the {values} {hold} to {held} significant digits ({_example(g, _worst(g))}); "
+        f"the tolerance ({_tolerance(g)}) asks for about {needed}: print more digits."
+    )
 
 
 def _short(g: _Golden) -> str | None:
@@ -216,9 +252,11 @@ def _short(g: _Golden) -> str | None:
     if not 3 <= held < needed:
         return None
     values, agree, up_to = ("values", "agree", "up to ") if g.given.size > 1 else ("value", "agrees", "")
-    return (f"too few digits carried: the {values} {agree} with the engines to {held} significant digits only, though "
-            f"written with {up_to}{int(_written(g)[failing].max())} ({_example(g, _worst(g))}); the tolerance "
-            f"({_tolerance(g)}) asks for about {needed}: carry more digits through the intermediate results.")
+    return (
+        f"too few digits carried: the {values} {agree} with the engines to {held} significant digits only, though "
+        f"written with {up_to}{int(_written(g)[failing].max())} ({_example(g, _worst(g))}); the tolerance "
+        f"({_tolerance(g)}) asks for about {needed}: carry more digits through the intermediate results."
+    )
 
 
 # -- the named factors ---------------------------------------------------------------------
@@ -233,7 +271,10 @@ def _step_reasons(g: _Golden) -> list[tuple[float, str]]:
         (lr, f"the learning rate {lr:g} is applied twice"),
         (n, f"the 1/N of the mean is missing (N = {n}; the gradient summed over the samples, not averaged)"),
         (1 / n, f"the gradient is divided by the batch size N = {n} once too often"),
-        (2.0, "a factor 2 too many (the 2 of d/dy (y - t)^2 = 2(y - t) counted twice, or kept where a 1/2 in the loss cancels it)"),
+        (
+            2.0,
+            "a factor 2 too many (the 2 of d/dy (y - t)^2 = 2(y - t) counted twice, or kept where a 1/2 in the loss cancels it)",
+        ),
         (0.5, "the 2 of d/dy (y - t)^2 = 2(y - t) is missing (the derivative of 1/2 (y - t)^2 used)"),
         (k, f"the 1/{k} for the {k} outputs is missing (mse and mae average every element, not only over samples)"),
         (1 / k, f"divided by the {k} outputs as well, where the loss averages over samples only"),
@@ -263,7 +304,9 @@ def _loss_reasons(g: _Golden) -> list[tuple[float, str]]:
 def _factor_sentence(g: _Golden, factor: float, reasons: list[str]) -> str:
     """'<slips>: <subject> is <factor> times the engines' (<formula>); <an element>.'"""
     relation = "has the opposite sign to the engines'" if factor == -1.0 else f"is {_times(factor)} times the engines'"
-    return f"{' and '.join(reasons)}: {_SUBJECT[g.kind]} {relation}{_formula(g, factor)}; {_example(g, _largest(g), before=True)}."
+    return (
+        f"{' and '.join(reasons)}: {_SUBJECT[g.kind]} {relation}{_formula(g, factor)}; {_example(g, _largest(g), before=True)}."
+    )
 
 
 def _formula(g: _Golden, factor: float) -> str:
@@ -272,7 +315,9 @@ def _formula(g: _Golden, factor: float) -> str:
     if coefficient is None or g.kind == "loss":
         return ""
     sign = "+" if factor < 0 else "-"
-    return {"updated": f" (p {sign} {coefficient}g instead of p - lr*g)", "deltas": f" ({sign}{coefficient}g instead of -lr*g)"}[g.kind]
+    return {"updated": f" (p {sign} {coefficient}g instead of p - lr*g)", "deltas": f" ({sign}{coefficient}g instead of -lr*g)"}[
+        g.kind
+    ]
 
 
 def _ratio(g: _Golden) -> float | None:
@@ -288,7 +333,7 @@ def _ratio(g: _Golden) -> float | None:
 
 def _failing(g: _Golden) -> np.ndarray:
     """Which values (raveled) miss the golden tolerance: the ones whose digits are in question."""
-    pairs = zip(np.ravel(g.given), np.ravel(g.target))
+    pairs = zip(np.ravel(g.given), np.ravel(g.target), strict=True)
     return np.array([not g.holds(np.array(a), np.array(b)) for a, b in pairs], dtype=bool)
 
 
@@ -339,10 +384,13 @@ def _distinct(*values: float) -> list[str]:
 
 def _rows(g: _Golden, a: np.ndarray, b: np.ndarray, most: int = 8) -> tuple[str, str]:
     """Two rows at one precision, enough to tell apart every pair of elements that mismatch."""
-    wrong = [_precision(x, y) for x, y in zip(a, b) if not g.holds(np.array(x), np.array(y))]
+    wrong = [_precision(x, y) for x, y in zip(a, b, strict=True) if not g.holds(np.array(x), np.array(y))]
     digits = max((_DIGITS if d is None else d for d in wrong), default=4)
-    return tuple("[" + ", ".join(f"{v:.{digits}g}" for v in row[:most]) + (", ...]" if len(row) > most else "]")
-                 for row in (a, b))
+
+    def shown(row: np.ndarray) -> str:
+        return "[" + ", ".join(f"{v:.{digits}g}" for v in row[:most]) + (", ...]" if len(row) > most else "]")
+
+    return shown(a), shown(b)
 
 
 def _example(g: _Golden, index: tuple, before: bool = False) -> str:
@@ -392,7 +440,9 @@ _LINE_MEANING = {
     ("kernel", 1): "the weights into unit",
 }
 _REASONS: dict[str, Callable[[_Golden], list[tuple[float, str]]]] = {
-    "updated": _step_reasons, "deltas": _step_reasons, "loss": _loss_reasons,
+    "updated": _step_reasons,
+    "deltas": _step_reasons,
+    "loss": _loss_reasons,
 }
 _STEP_TIERS = ((_transposed, _swapped, _unchanged, _factor), (_rounded,), (_one_element, _one_line), (_short,))
 # Tried tier by tier, most likely first: the first tier with a slip that fits gives the hints.

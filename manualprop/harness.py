@@ -7,14 +7,15 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from . import engines
+from . import conditioning, engines
 from .case import Case, closest, display_path, load_case
 from .compare import Comparison, compare, missing
 from .diagnose import Diagnosis, Step, diagnose, diagnose_expected, first_non_finite, precise_enough
@@ -36,6 +37,13 @@ class EngineRun:
     seconds: float = 0.0
     non_finite: str | None = None  # where a NaN or an infinity first appeared: an outcome of its own
 
+    @property
+    def output(self) -> StepResult:
+        """The result of a run that ran; asking it of a skipped or crashed run is a bug."""
+        if self.result is None:
+            raise RuntimeError(f"{self.engine} {self.status}: it has no result")
+        return self.result
+
 
 @dataclass
 class CaseResult:
@@ -51,6 +59,13 @@ class CaseResult:
     diagnosis: Diagnosis | None = None
     notes: list[str] = field(default_factory=list)  # failures of the case as a whole (a known difference that vanished)
     vanished: dict[str, str] = field(default_factory=dict)  # engine -> its note, for the known differences that vanished
+
+    @property
+    def loaded(self) -> Case:
+        """The case of a file that loaded; asking it of a load error is a bug."""
+        if self.case is None:
+            raise RuntimeError(f"{self.path} did not load: it has no case")
+        return self.case
 
     @property
     def ok(self) -> bool:
@@ -82,9 +97,9 @@ class CaseResult:
     def why_not_compared(self) -> str:
         """Why nothing was compared, in a sentence (for a case that loaded)."""
         ran = self.ran
-        golden = "the case has no golden values" if self.case.expected is None else "its golden values need an engine that runs"
+        golden = "the case has no golden values" if self.loaded.expected is None else "its golden values need an engine that runs"
         if not ran:
-            return f"no engine ran, and {golden}" if self.case.expected is not None else "no engine ran"
+            return f"no engine ran, and {golden}" if self.loaded.expected is not None else "no engine ran"
         return f"only {ran[0]} ran and {golden}: nothing to compare it with"
 
     @property
@@ -137,8 +152,10 @@ def bundled_case(name: str) -> Path:
     if name in by_name:
         return by_name[name]
     names = {path: key for key, path in by_name.items()}  # one name a file: its name: where it has one
-    close = [key for key in names.values() if name.lower() in key.lower()][:3] or [closest(name, names.values())]
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close != [None] else f" (the bundled cases are in {bundled_cases()})"
+    close = [key for key in names.values() if name.lower() in key.lower()][:3]
+    if not close and (near := closest(name, names.values())) is not None:
+        close = [near]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f" (the bundled cases are in {bundled_cases()})"
     raise FileNotFoundError(f"no such file or folder, and no bundled case named {name!r}{hint}")
 
 
@@ -161,8 +178,9 @@ def run_engine(case: Case, name: str) -> EngineRun:
     except Exception as err:  # an engine's failure is an outcome to report, not a crash
         reason = f"crashed {crash_site(err, engine)}: {type(err).__name__}: {err}"
         return EngineRun(name, Status.ERROR, reason=reason, seconds=time.perf_counter() - start)
-    return EngineRun(name, Status.RAN, result=result, seconds=time.perf_counter() - start,
-                     non_finite=first_non_finite(case, result))
+    return EngineRun(
+        name, Status.RAN, result=result, seconds=time.perf_counter() - start, non_finite=first_non_finite(case, result)
+    )
 
 
 def crash_site(err: BaseException, engine: object) -> str:
@@ -193,18 +211,22 @@ def is_known(c: Comparison) -> bool:
 
 def mark_known(case: Case, comparisons: list[Comparison]) -> list[Comparison]:
     """Failed comparisons involving an engine the case declares as different become known ones."""
-    return [replace(c, extra={**c.extra, "known": True}) if not c.ok and ({c.a, c.b} & set(case.known_differences)) else c
-            for c in comparisons]
+    return [
+        replace(c, extra={**c.extra, "known": True}) if not c.ok and ({c.a, c.b} & set(case.known_differences)) else c
+        for c in comparisons
+    ]
 
 
-def vanished_differences(case: Case, result: "CaseResult") -> dict[str, str]:
+def vanished_differences(case: Case, result: CaseResult) -> dict[str, str]:
     """Known differences that did not show (strict, like pytest's xfail), by engine: each a change to look at."""
     notes = {}
     for name, reason in case.known_differences.items():
         involved = [c for c in [*result.comparisons, *result.expected] if name in (c.a, c.b)]
         if name in result.ran and involved and not any(is_known(c) for c in involved):
-            notes[name] = (f"{name} was declared to differ ({reason}), but it agrees: the convention may have changed "
-                           f"in this version; look, then update or remove known_differences.{name}")
+            notes[name] = (
+                f"{name} was declared to differ ({reason}), but it agrees: the convention may have changed "
+                f"in this version; look, then update or remove known_differences.{name}"
+            )
     return notes
 
 
@@ -246,25 +268,33 @@ def _judged(case: Case, c: Comparison, runs: dict[str, EngineRun], oracle: Engin
     a, b = runs.get(c.a), runs.get(c.b)
     if a is None or b is None or a.status != Status.RAN or b.status != Status.RAN:
         return c
+    values: list[ArrayLike]
+    precise: ArrayLike | None
+    uncertainty: ArrayLike
     if c.param == "loss":
-        values, precise, uncertainty, initial = (a.result.loss, b.result.loss), oracle.result.loss, 0.0, None
+        # the loss before each step, as the comparison holds them
+        values = [_losses(case, a.output), _losses(case, b.output)]
+        precise, uncertainty, initial = _losses(case, oracle.output), 0.0, None
     else:
-        values = (a.result.deltas.get(c.param), b.result.deltas.get(c.param))
-        precise, uncertainty = oracle.result.deltas.get(c.param), oracle.result.uncertainty.get(c.param, 0.0)
+        da, db = a.output.deltas.get(c.param), b.output.deltas.get(c.param)
+        precise, uncertainty = oracle.output.deltas.get(c.param), oracle.output.uncertainty.get(c.param, 0.0)
         initial = case.parameters()[c.param]
-        if precise is None or any(v is None or np.shape(v) != np.shape(precise) for v in values):
+        if precise is None or da is None or db is None or np.shape(da) != np.shape(precise) or np.shape(db) != np.shape(precise):
             return c
+        values = [da, db]
     step = Step("loss", None, "loss") if c.param == "loss" else Step("delta", None, c.param)
     if not precise_enough(case, step, precise, uncertainty):
         return c  # the oracle cannot tell rounding from a fault here
-    ratios = [compare(c.param, name, v, oracle.engine, precise, case.rtol, case.atol, reference=initial, allowance=uncertainty)
-              for name, v in zip((c.a, c.b), values)]
+    ratios = [
+        compare(c.param, name, v, oracle.engine, precise, case.rtol, case.atol, reference=initial, allowance=uncertainty)
+        for name, v in zip((c.a, c.b), values, strict=True)
+    ]
     if all(r.ok for r in ratios):
         return replace(c, extra={**c.extra, "rounding": {c.a: ratios[0].worst_ratio, c.b: ratios[1].worst_ratio}})
     return c
 
 
-def arbitrate(case: Case, result: "CaseResult") -> None:
+def arbitrate(case: Case, result: CaseResult) -> None:
     """On a disagreement that is not known, run the oracle (unless it ran): it excuses rounding,
     and what is left is diagnosed. When the engines agree and golden values do not, the golden
     values are diagnosed; when nothing else is, a crash is the finding."""
@@ -275,6 +305,7 @@ def arbitrate(case: Case, result: "CaseResult") -> None:
         if any(failed(c) for c in result.comparisons):
             result.diagnosis = diagnose(case, contenders, result.oracle)
     elif contenders and any(failed(c) for c in result.expected):
+
         def oracle() -> EngineRun | None:
             result.oracle = oracle_for(case, result.runs)
             return result.oracle
@@ -284,8 +315,9 @@ def arbitrate(case: Case, result: "CaseResult") -> None:
         result.diagnosis = crash_finding(result)
 
 
-def golden_diagnosis(case: Case, expected: list[Comparison], contenders: list[EngineRun],
-                     oracle: Callable[[], EngineRun | None]) -> Diagnosis | None:
+def golden_diagnosis(
+    case: Case, expected: list[Comparison], contenders: list[EngineRun], oracle: Callable[[], EngineRun | None]
+) -> Diagnosis | None:
     """Engines that agree against golden values: the golden values are diagnosed. One engine alone
     is first held against the oracle (``oracle()`` runs it), which blames the engine if it is off."""
     checked = None
@@ -294,10 +326,10 @@ def golden_diagnosis(case: Case, expected: list[Comparison], contenders: list[En
         found = diagnose(case, contenders, checked) if checked is not None else None
         if found is not None:
             return found
-    return diagnose_expected(case, expected, contenders[0].result, [r.engine for r in contenders], checked is not None)
+    return diagnose_expected(case, expected, contenders[0].output, [r.engine for r in contenders], checked is not None)
 
 
-def crash_finding(result: "CaseResult") -> Diagnosis | None:
+def crash_finding(result: CaseResult) -> Diagnosis | None:
     """An engine that crashed, as a finding: the engine, where it crashed, the exception's message."""
     crashed = [run for run in result.runs.values() if run.status == Status.ERROR]
     if not crashed:
@@ -308,17 +340,32 @@ def crash_finding(result: "CaseResult") -> Diagnosis | None:
     return Diagnosis("crash", None, first.engine, others, None, sentence)
 
 
-def compare_pair(case: Case, a: EngineRun, b: EngineRun) -> list[Comparison]:
-    """The loss and every parameter's delta of two engines that ran, under the case's tolerance."""
-    results = [compare("loss", a.engine, _losses(case, a.result), b.engine, _losses(case, b.result), case.rtol, case.atol)]
+def compare_pair(case: Case, a: EngineRun, b: EngineRun, rounding: dict[str, np.ndarray] | None = None) -> list[Comparison]:
+    """The loss and every parameter's delta of two engines that ran, under the case's tolerance,
+    widened by what each engine states of its own error and by ``rounding``, how far the rounding
+    of an engine's gradients can move its delta (:mod:`manualprop.conditioning`), for each engine."""
+    results = [compare("loss", a.engine, _losses(case, a.output), b.engine, _losses(case, b.output), case.rtol, case.atol)]
     for param, initial in case.parameters().items():
-        da, db = a.result.deltas.get(param), b.result.deltas.get(param)
+        da, db = a.output.deltas.get(param), b.output.deltas.get(param)
         if da is None or db is None:
             results.append(missing(param, a.engine, b.engine, case.rtol, case.atol, a.engine if da is None else b.engine))
             continue
-        allowance = sum(np.asarray(run.result.uncertainty.get(param, 0.0)) for run in (a, b))
-        results.append(compare(param, a.engine, da, b.engine, db, case.rtol, case.atol, reference=initial, allowance=allowance,
-                               shown_as=case.shown_as(param)))
+        allowance = np.asarray(a.output.uncertainty.get(param, 0.0)) + np.asarray(b.output.uncertainty.get(param, 0.0))
+        allowance = allowance + 2 * np.asarray((rounding or {}).get(param, 0.0))
+        results.append(
+            compare(
+                param,
+                a.engine,
+                da,
+                b.engine,
+                db,
+                case.rtol,
+                case.atol,
+                reference=initial,
+                allowance=allowance,
+                shown_as=case.shown_as(param),
+            )
+        )
     return [_located(case, c, _field_of(case.shown_as(c.param))) for c in results]
 
 
@@ -348,19 +395,28 @@ def check_expected(case: Case, run: EngineRun) -> list[Comparison]:
         return []
     results = []
     if exp.loss is not None:
-        got = np.array(run.result.losses) if isinstance(exp.loss, list) else np.array(run.result.loss)
+        got = np.array(run.output.losses) if isinstance(exp.loss, list) else np.array(run.output.loss)
         results.append(compare("loss", run.engine, got, "expected", np.array(exp.loss), exp.rtol, exp.atol))
     params = case.parameters()
     for kind, table in (("updated", exp.updated), ("deltas", exp.deltas)):
         for param, value in table.items():
-            delta = run.result.deltas.get(param)
+            delta = run.output.deltas.get(param)
             if delta is None:
                 results.append(missing(param, run.engine, "expected", exp.rtol, exp.atol, run.engine))
                 continue
             got = params[param].astype(np.float64) + delta if kind == "updated" else delta
             given = exp.given_as.get((kind, param), param)
-            c = compare(param, run.engine, got, "expected", value, exp.rtol, exp.atol,
-                        allowance=run.result.uncertainty.get(param, 0.0), shown_as=given)
+            c = compare(
+                param,
+                run.engine,
+                got,
+                "expected",
+                value,
+                exp.rtol,
+                exp.atol,
+                allowance=run.output.uncertainty.get(param, 0.0),
+                shown_as=given,
+            )
             c = replace(c, extra={"kind": kind}, message=c.message.replace(f"{given}:", f"{given} ({kind}):", 1))
             results.append(_located(case, c, ("expected", kind, given)))
     return results
@@ -390,8 +446,11 @@ def golden_groups(result: CaseResult) -> list[tuple[list[str], list[Comparison]]
 def golden_block(names: list[str], comparisons: list[Comparison]) -> str:
     """One group's failures, its engines named together (the values shown are the first's)."""
     together = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    lines = [] if len(names) == 1 else [f"{together} agree with each other, and the golden values differ from all of them "
-                                        f"(values shown: {names[0]}'s)"]
+    lines = (
+        []
+        if len(names) == 1
+        else [f"{together} agree with each other, and the golden values differ from all of them (values shown: {names[0]}'s)"]
+    )
     for c in comparisons:
         lines.append(c.message.replace(f" {c.a} and expected disagree", f" {', '.join(names)} and expected disagree", 1))
     return "\n".join(lines)
@@ -403,8 +462,9 @@ def run_case(case: Case, requested: Iterable[str] | None = None) -> CaseResult:
     for name in select_engines(case, requested):
         result.runs[name] = run_engine(case, name)
     ran = [result.runs[n] for n in result.ran]
+    rounding = conditioning.allowance(case) if len(ran) >= 2 else None
     for a, b in combinations(ran, 2):
-        result.comparisons.extend(compare_pair(case, a, b))
+        result.comparisons.extend(compare_pair(case, a, b, rounding))
     for run in ran:
         result.expected.extend(check_expected(case, run))
     result.comparisons = mark_known(case, result.comparisons)

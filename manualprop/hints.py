@@ -61,24 +61,45 @@ def _factors(case: Case, step: Step) -> list[tuple[float, str]]:
     """The factors a slip at ``step`` usually produces, each with the slip."""
     batch, outputs = case.inputs.shape[0], case.targets.shape[1]
     if step.label == "delta":
-        return [(-1.0, "a sign flip: the update adds lr * g instead of subtracting it"),
-                (case.lr, f"the learning rate applied twice (lr = {case.lr:g}): p - lr * (lr * g)"),
-                (1.0 / case.lr, f"the learning rate left out (lr = {case.lr:g}): p - g"),
-                (2.0, "a factor 2 in the update"), (0.5, "a factor 1/2 in the update")]
+        return [
+            (-1.0, "a sign flip: the update adds lr * g instead of subtracting it"),
+            (case.lr, f"the learning rate applied twice (lr = {case.lr:g}): p - lr * (lr * g)"),
+            (1.0 / case.lr, f"the learning rate left out (lr = {case.lr:g}): p - g"),
+            (2.0, "a factor 2 in the update"),
+            (0.5, "a factor 1/2 in the update"),
+        ]
     if step.label not in ("loss", "loss gradient"):
         return [(-1.0, "a sign flip")]
-    named = [(2.0, "a factor 2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"),
-             (0.5, "a factor 1/2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"), (-1.0, "a sign flip")]
+    named = [
+        (2.0, "a factor 2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"),
+        (0.5, "a factor 1/2: the derivative of (y - t)^2 is 2 (y - t), or a 1/2 in the loss"),
+        (-1.0, "a sign flip"),
+    ]
     if case.scale != 1:
-        named += [(case.scale, f"the scale {case.scale:g} applied twice"), (1.0 / case.scale, f"the scale {case.scale:g} left out")]
+        named += [
+            (case.scale, f"the scale {case.scale:g} applied twice"),
+            (1.0 / case.scale, f"the scale {case.scale:g} left out"),
+        ]
     if batch > 1:
-        named += [(float(batch), f"a factor of the batch size N = {batch}: a sum where the mean belongs, or a dropped 1/N"),
-                  (1.0 / batch, f"a factor 1/N (N = {batch}, the batch size): a mean where the sum belongs")]
+        named += [
+            (float(batch), f"a factor of the batch size N = {batch}: a sum where the mean belongs, or a dropped 1/N"),
+            (1.0 / batch, f"a factor 1/N (N = {batch}, the batch size): a mean where the sum belongs"),
+        ]
     if outputs > 1:
-        named += [(float(outputs), f"a factor of the number of outputs ({outputs}): a mean over each sample's outputs where the mean over every element belongs"),
-                  (1.0 / outputs, f"a factor 1/{outputs} (the number of outputs): a mean over every element where a per-sample sum belongs")]
+        named += [
+            (
+                float(outputs),
+                f"a factor of the number of outputs ({outputs}): a mean over each sample's outputs where the mean over every element belongs",
+            ),
+            (
+                1.0 / outputs,
+                f"a factor 1/{outputs} (the number of outputs): a mean over every element where a per-sample sum belongs",
+            ),
+        ]
     if batch > 1 and outputs > 1:
-        named.append((float(batch * outputs), f"a factor N x outputs = {batch * outputs}: a sum where the mean over every element belongs"))
+        named.append(
+            (float(batch * outputs), f"a factor N x outputs = {batch * outputs}: a sum where the mean over every element belongs")
+        )
     return named
 
 
@@ -88,17 +109,21 @@ def factor_hint(case: Case, step: Step, engine: str, c: float, holds_on: str) ->
         return []
     if c == 0:
         flow = ": a gradient that does not flow (a saturated unit, a clipped probability, a detached tensor)"
-        return [f"{engine}'s {holds_on} are zero where the others' are not" + (flow if step.label not in ("Z", "A", "loss") else "")]
+        return [
+            f"{engine}'s {holds_on} are zero where the others' are not" + (flow if step.label not in ("Z", "A", "loss") else "")
+        ]
     digits = max(4, int(np.ceil(-np.log10(abs(c - 1.0)))) + 2) if abs(c - 1.0) < 1 else 4
     shown = f"{c:.{digits}g}"
     for factor, text in _factors(case, step):
         if abs(c - factor) <= 1e-3 * abs(factor):
             return [f"{engine}'s {holds_on} are {shown} times the others': {text}"]
-    return [f"{engine}'s {holds_on} are {shown} times the others': a constant factor"
-            + (" (a learning rate or a loss scale?)" if step.label in ("delta", "loss", "loss gradient") else "")]
+    return [
+        f"{engine}'s {holds_on} are {shown} times the others': a constant factor"
+        + (" (a learning rate or a loss scale?)" if step.label in ("delta", "loss", "loss gradient") else "")
+    ]
 
 
-def _ratio_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def _ratio_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     if step.label != "delta":
         mine, theirs = value(culprit, step), value(reference, step)
         if mine is None or theirs is None:
@@ -106,21 +131,25 @@ def _ratio_hints(case: Case, step: Step, culprit: "EngineRun", reference: "Engin
         c = constant_ratio(mine, theirs, _noise(case, step, theirs))
         holds_on = "loss" if step.label == "loss" else f"{step.label} values at layer {step.layer}"
         return [] if c is None else factor_hint(case, step, culprit.engine, c, holds_on if step.label != "loss" else "losses")
-    mine, theirs = culprit.result.deltas, reference.result.deltas
-    failing = [n for n, p in case.parameters().items() if n in mine and n in theirs
-               and not compare(n, "a", mine[n], "b", theirs[n], case.rtol, case.atol, reference=p).ok]
-    ratios = {n: constant_ratio(mine[n], theirs[n], _noise(case, Step("delta", None, n), theirs[n])) for n in failing}
-    if not failing or any(r is None for r in ratios.values()):
+    own, others = culprit.output.deltas, reference.output.deltas
+    failing = [
+        n
+        for n, p in case.parameters().items()
+        if n in own and n in others and not compare(n, "a", own[n], "b", others[n], case.rtol, case.atol, reference=p).ok
+    ]
+    found = [constant_ratio(own[n], others[n], _noise(case, Step("delta", None, n), others[n])) for n in failing]
+    ratios = [r for r in found if r is not None]
+    if not failing or len(ratios) < len(found):
         return []
-    first = ratios[failing[0]]
-    if not all(abs(r - first) <= 1e-3 * abs(first) for r in ratios.values()):
+    first = ratios[0]
+    if not all(abs(r - first) <= 1e-3 * abs(first) for r in ratios):
         return []
     return factor_hint(case, step, culprit.engine, first, "deltas of " + ", ".join(case.shown_as(n) for n in failing))
 
 
-def _layout_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def _layout_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """A kernel used transposed (Z = A_prev @ W.T + b), or a delta reported transposed."""
-    if step.label == "Z":
+    if step.label == "Z" and step.layer is not None:
         layer = case.layers[step.layer]
         a_prev = case.inputs if step.layer == 0 else value(reference, Step("A", step.layer - 1, "A"))
         mine = value(culprit, step)
@@ -128,20 +157,24 @@ def _layout_hints(case: Case, step: Step, culprit: "EngineRun", reference: "Engi
             return []
         transposed = a_prev.astype(np.float64) @ layer.kernel.T.astype(np.float64) + (0 if layer.bias is None else layer.bias)
         if compare("Z", "a", mine, "b", transposed, case.rtol, case.atol).ok:
-            return [f"layer {step.layer}: {culprit.engine} computes Z with the kernel transposed: the weights loaded in the "
-                    "(out, in) layout where (in, out) belongs, or the reverse"]
+            return [
+                f"layer {step.layer}: {culprit.engine} computes Z with the kernel transposed: the weights loaded in the "
+                "(out, in) layout where (in, out) belongs, or the reverse"
+            ]
         return []
     if step.label != "delta":
         return []
-    a, b = np.asarray(culprit.result.deltas.get(step.field)), np.asarray(reference.result.deltas.get(step.field))
+    a, b = np.asarray(culprit.output.deltas.get(step.field)), np.asarray(reference.output.deltas.get(step.field))
     if a.ndim == 2 and a.T.shape == b.shape and np.allclose(a.T, b, rtol=case.rtol * 10, atol=case.atol * 10):
-        return [f"{case.shown_as(step.field)}: {culprit.engine}'s delta matches after transposing: a layout slip, "
-                "(out, in) where (in, out) belongs, or the reverse"]
+        return [
+            f"{case.shown_as(step.field)}: {culprit.engine}'s delta matches after transposing: a layout slip, "
+            "(out, in) where (in, out) belongs, or the reverse"
+        ]
     return []
 
 
-def _leaky_hint(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
-    if step.label != "A" or case.layers[step.layer].activation != "leaky_relu":
+def _leaky_hint(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
+    if step.label != "A" or step.layer is None or case.layers[step.layer].activation != "leaky_relu":
         return []
     z = value(reference, Step("Z", step.layer, "Z"))
     a_mine, a_ref = value(culprit, step), value(reference, step)
@@ -154,41 +187,54 @@ def _leaky_hint(case: Case, step: Step, culprit: "EngineRun", reference: "Engine
     slope = alpha * c
     known = [float(np.float32(alpha)), 0.01, 0.2, 0.3]  # float32 rounding, the frameworks' defaults
     slope = next((k for k in known if abs(slope - k) <= 1e-12 * abs(k)), slope)
-    slope, given = distinct(slope, alpha)
-    return [f"layer {step.layer}: {culprit.engine}'s leaky_relu slope is {slope}, not the case's {given}"
-            " (PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3; TensorFlow rounds a float64 slope to float32)"]
+    shown, given = distinct(slope, alpha)
+    return [
+        f"layer {step.layer}: {culprit.engine}'s leaky_relu slope is {shown}, not the case's {given}"
+        " (PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3; TensorFlow rounds a float64 slope to float32)"
+    ]
 
 
-def _saturation_hint(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def _saturation_hint(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """tanh or sigmoid outputs within float32 rounding of their limits: 1 - a^2 or a (1 - a) is then
     mostly rounding, and TensorFlow's float32 tanh reaches exactly 1 from |z| >= 8."""
-    if step.label != "dZ" or case.layers[step.layer].activation not in ("tanh", "sigmoid") or case.dtype != np.float32:
+    if (
+        step.label != "dZ"
+        or step.layer is None
+        or case.layers[step.layer].activation not in ("tanh", "sigmoid")
+        or case.dtype != np.float32
+    ):
         return []
     a = value(reference, Step("A", step.layer, "A"))
     if a is None or not np.any(np.abs(a) > 1 - 1e-5):
         return []
-    return [f"layer {step.layer}: some {case.layers[step.layer].activation} outputs are within 1e-5 of their limit, where the "
-            "float32 derivative is mostly rounding; TensorFlow's float32 tanh is exactly 1 from |z| >= 8 "
-            "(see cases/canaries/keras_float32_tanh_saturation.yaml)"]
+    return [
+        f"layer {step.layer}: some {case.layers[step.layer].activation} outputs are within 1e-5 of their limit, where the "
+        "float32 derivative is mostly rounding; TensorFlow's float32 tanh is exactly 1 from |z| >= 8 "
+        "(see cases/canaries/keras_float32_tanh_saturation.yaml)"
+    ]
 
 
-def _cross_entropy_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def _cross_entropy_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     if not LOSSES[case.loss].on_logits or step.label not in ("loss gradient", "dW", "db", "delta"):
         return []
     found = []
     if not np.allclose(case.targets.sum(axis=1), 1.0):
-        found.append("the targets do not sum to 1 per sample: the gradient of -sum(t log softmax(z)) is p * sum(t) - t; "
-                     "TensorFlow's softmax cross-entropy uses p - t whatever the sum")
+        found.append(
+            "the targets do not sum to 1 per sample: the gradient of -sum(t log softmax(z)) is p * sum(t) - t; "
+            "TensorFlow's softmax cross-entropy uses p - t whatever the sum"
+        )
     p = value(reference, Step("A", len(case.layers) - 1, "A"))
     last = value(culprit, Step("loss gradient", len(case.layers) - 1, "dZ"))
     clipped = None if p is None else (p <= 1e-7) | (p >= 1 - 1e-7)
     if clipped is not None and last is not None and np.any(clipped) and np.all(last[np.any(clipped, axis=1)] == 0):
-        found.append("zero gradient exactly where a probability is within 1e-7 of 0 or 1: cross-entropy clipped at 1e-7 "
-                     "(Keras clips probabilities when it cannot reach the logits)")
+        found.append(
+            "zero gradient exactly where a probability is within 1e-7 of 0 or 1: cross-entropy clipped at 1e-7 "
+            "(Keras clips probabilities when it cannot reach the logits)"
+        )
     return found
 
 
-def _optimizer_hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def _optimizer_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """Deltas that follow a framework's optimizer where it computes otherwise than the SPEC
     (:mod:`manualprop.variants`): the case replayed through the NumPy engine with that update gives
     the culprit's deltas on every parameter, and lies outside the tolerance of the reference's."""
@@ -198,23 +244,37 @@ def _optimizer_hints(case: Case, step: Step, culprit: "EngineRun", reference: "E
     found = []
     for variant in variants.of(case):
         replayed = variant.replay(case).deltas
-        if not all(n in mine and compare(n, "a", mine[n], "b", replayed[n], case.rtol, case.atol, reference=p).ok
-                   for n, p in params.items()):
+        if not all(
+            n in mine and compare(n, "a", mine[n], "b", replayed[n], case.rtol, case.atol, reference=p).ok
+            for n, p in params.items()
+        ):
             continue
-        apart = [compare(n, "variant", replayed[n], "spec", spec[n], case.rtol, case.atol, reference=p)
-                 for n, p in params.items() if n in spec]
+        apart = [
+            compare(n, "variant", replayed[n], "spec", spec[n], case.rtol, case.atol, reference=p)
+            for n, p in params.items()
+            if n in spec
+        ]
         worst = max(apart, key=lambda c: c.worst_ratio, default=None)
         if worst is None or worst.ok:
             continue  # the variant gives the SPEC's deltas here: it explains nothing
-        size = (f"they differ from the SPEC's by up to {worst.max_rel_diff:.2g} relative ({case.shown_as(worst.param)}), "
-                f"{worst.worst_ratio:.3g} times the case's tolerance")
+        size = (
+            f"they differ from the SPEC's by up to {worst.max_rel_diff:.2g} relative ({case.shown_as(worst.param)}), "
+            f"{worst.worst_ratio:.3g} times the case's tolerance"
+        )
         if case.dtype != np.float32:
             rtol, atol = DEFAULT_TOLERANCE["float32"]
-            if all(compare(n, "variant", replayed[n], "spec", spec[n], rtol, atol, reference=p).ok for n, p in params.items() if n in spec):
+            if all(
+                compare(n, "variant", replayed[n], "spec", spec[n], rtol, atol, reference=p).ok
+                for n, p in params.items()
+                if n in spec
+            ):
                 size += f", within float32's default tolerance (rtol {rtol:g})"
         detail = variant.detail(case.hyper)
-        found.append(f"{culprit.engine}'s deltas follow {variant.who}: {variant.formula}"
-                     + (f" ({detail})" if detail else "") + f"; {size}; {variant.pinned}")
+        found.append(
+            f"{culprit.engine}'s deltas follow {variant.who}: {variant.formula}"
+            + (f" ({detail})" if detail else "")
+            + f"; {size}; {variant.pinned}"
+        )
     return found
 
 
@@ -224,7 +284,7 @@ RULES = [_optimizer_hints, _ratio_hints, _layout_hints, _leaky_hint, _saturation
 EXPLAINING = (_optimizer_hints,)
 
 
-def hints(case: Case, step: Step, culprit: "EngineRun", reference: "EngineRun") -> list[str]:
+def hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """Every hint that fits how ``culprit`` differs from ``reference`` where the divergence starts."""
     for rule in EXPLAINING:
         if explained := rule(case, step, culprit, reference):

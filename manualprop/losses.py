@@ -16,7 +16,8 @@ must end in a softmax layer. The reduced loss is ``scale * mean(terms)`` or ``sc
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,9 +48,7 @@ LOSSES: dict[str, Loss] = {
     # |y - t| per element; d/dy = sign(y - t), 0 where y = t (as PyTorch and TensorFlow)
     "mae": Loss(lambda y, t: np.abs(y - t), lambda y, t: np.sign(y - t), False),
     # -sum_j t_j log softmax(z)_j per sample; d/dz = softmax(z) sum_j t_j - t
-    "categorical_crossentropy": Loss(
-        lambda z, t: -(t * _log_softmax(z)).sum(axis=1), _cce_grad, True
-    ),
+    "categorical_crossentropy": Loss(lambda z, t: -(t * _log_softmax(z)).sum(axis=1), _cce_grad, True),
 }
 
 ALIASES = LOSS_ALIASES  # declared in manualprop.concepts
@@ -63,8 +62,7 @@ def get(identifier: str) -> Loss:
         return LOSSES[ALIASES.get(identifier, identifier)]
     except KeyError:
         raise ValueError(
-            f"Could not interpret loss identifier: {identifier!r}. "
-            f"Known: {', '.join([*LOSSES, *ALIASES])}"
+            f"Could not interpret loss identifier: {identifier!r}. Known: {', '.join([*LOSSES, *ALIASES])}"
         ) from None
 
 

@@ -10,7 +10,8 @@ v, vmax, s, a, acc); the declarations are in :mod:`manualprop.concepts`.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

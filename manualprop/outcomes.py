@@ -6,7 +6,21 @@ This module imports nothing from the package: running (``harness``) and judging 
 
 from __future__ import annotations
 
-from enum import StrEnum
+import sys
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10 (a cell of the nightly matrix): the same behaviour, written out
+
+    class StrEnum(str, Enum):
+        """A member is the string it stands for, in str(), format() and comparisons."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return format(str(self.value), spec)
 
 
 class Status(StrEnum):

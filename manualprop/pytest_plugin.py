@@ -34,11 +34,21 @@ _RESULTS = pytest.StashKey[dict]()  # case path -> CaseResult, per process (per 
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini("manualprop_files", type="args", default=DEFAULT_FILES.split(), help=(
-        "case files to collect: glob patterns matched against the file name, or, when a pattern has a '/', "
-        f"against the path from the rootdir ('*' crosses folders). Default: {DEFAULT_FILES}"))
-    parser.addoption("--manualprop-deltas", metavar="DIR", default=None,
-                     help="write each engine's deltas per case to DIR/<case>/<engine>.json (to check determinism)")
+    parser.addini(
+        "manualprop_files",
+        type="args",
+        default=DEFAULT_FILES.split(),
+        help=(
+            "case files to collect: glob patterns matched against the file name, or, when a pattern has a '/', "
+            f"against the path from the rootdir ('*' crosses folders). Default: {DEFAULT_FILES}"
+        ),
+    )
+    parser.addoption(
+        "--manualprop-deltas",
+        metavar="DIR",
+        default=None,
+        help="write each engine's deltas per case to DIR/<case>/<engine>.json (to check determinism)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,7 +88,7 @@ def _write_deltas(folder: Path, result: harness.CaseResult) -> None:
     for name, run in result.runs.items():
         if run.status == Status.RAN and name != engines.ORACLE:
             folder.mkdir(parents=True, exist_ok=True)
-            deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.result.deltas.items())}
+            deltas = {k: v.astype("float64").tolist() for k, v in sorted(run.output.deltas.items())}
             (folder / f"{name}.json").write_text(json.dumps(deltas), encoding="utf-8")
 
 
@@ -108,6 +118,13 @@ class _CaseItem(pytest.Item):
         self.case = case
         self.engines = engines
 
+    @property
+    def loaded(self) -> Case:
+        """The item's case: every item has one but an invalid case file's."""
+        if self.case is None:
+            raise RuntimeError(f"{self.name}: an invalid case file has no case")
+        return self.case
+
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, (CaseFailure, CaseError)):
             return str(excinfo.value)
@@ -118,10 +135,11 @@ class _CaseItem(pytest.Item):
         return self.path, line, self.name
 
     def result(self) -> harness.CaseResult:
-        return case_result(self.config, self.case)
+        return case_result(self.config, self.loaded)
 
     def header(self, what: str) -> str:
-        return f"case {self.case.name} ({self.case.path}, {self.case.dtype.name}): {what}"
+        case = self.loaded
+        return f"case {case.name} ({case.path}, {case.dtype.name}): {what}"
 
     def known(self, result: harness.CaseResult, comparisons: list[Comparison]) -> None:
         """A declared known difference is an xfail when it shows, and a failure when it vanished
@@ -130,7 +148,7 @@ class _CaseItem(pytest.Item):
         if vanished:
             raise CaseFailure(self.header("\n".join(vanished)))
         if any(harness.is_known(c) for c in comparisons) and not any(harness.failed(c) for c in comparisons):
-            known = {n: r for n, r in self.case.known_differences.items() if n in self.engines}
+            known = {n: r for n, r in self.loaded.known_differences.items() if n in self.engines}
             pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
 
     def diagnosis(self, result: harness.CaseResult) -> list[str]:
@@ -140,8 +158,12 @@ class _CaseItem(pytest.Item):
             return []
         lines = [f"diagnosis: {found.sentence}"]
         if found.oracle_distance:
-            lines.append("oracle (central differences, 128-bit): " + ", ".join(
-                f"{n} {d:.3g}x its tolerance away" for n, d in sorted(found.oracle_distance.items(), key=lambda kv: kv[1])))
+            lines.append(
+                "oracle (central differences, 128-bit): "
+                + ", ".join(
+                    f"{n} {d:.3g}x its tolerance away" for n, d in sorted(found.oracle_distance.items(), key=lambda kv: kv[1])
+                )
+            )
         return lines + [f"hint: {h}" for h in found.hints]
 
 

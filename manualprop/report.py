@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +30,15 @@ def _finite_or_text(value: Any) -> Any:
 def _engine_json(run: EngineRun) -> dict:
     if run.status != Status.RAN:
         return {"status": run.status, "reason": run.reason}
+    result = run.output
     entry = {
         "status": Status.RAN,
-        "loss": run.result.loss,
-        "deltas": {name: np.asarray(delta, dtype=np.float64).tolist() for name, delta in run.result.deltas.items()},
+        "loss": result.loss,
+        "deltas": {name: np.asarray(delta, dtype=np.float64).tolist() for name, delta in result.deltas.items()},
         "seconds": round(run.seconds, 6),
     }
-    if len(run.result.history) > 1:
-        entry["losses"] = run.result.losses  # the loss before each step (SPEC section 7)
+    if len(result.history) > 1:
+        entry["losses"] = result.losses  # the loss before each step (SPEC section 7)
     return entry | ({"non_finite": run.non_finite} if run.non_finite else {})
 
 
@@ -48,12 +50,9 @@ def case_json(result: CaseResult) -> dict:
             "ok": False,
             "verdict": result.verdict,
             "error": str(result.error),
-            "problems": [
-                {"field": format_path(p.path), "line": p.line, "message": p.message}
-                for p in result.error.problems
-            ],
+            "problems": [{"field": format_path(p.path), "line": p.line, "message": p.message} for p in result.error.problems],
         }
-    case = result.case
+    case = result.loaded
     expected = []
     for c in result.expected:
         entry = c.to_json()
@@ -69,8 +68,11 @@ def case_json(result: CaseResult) -> dict:
         "compared": result.compared,
         **({"not_compared": result.why_not_compared()} if result.verdict == Verdict.NOT_COMPARED else {}),
         # Every array here is (in, out) (SPEC section 2); this says how the case file wrote each kernel.
-        "layout": {param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
-                   for param in case.parameters() if param.endswith(".kernel")},
+        "layout": {
+            param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
+            for param in case.parameters()
+            if param.endswith(".kernel")
+        },
         "worst": None if worst is None else {"ratio": worst.worst_ratio, "param": worst.param, "a": worst.a, "b": worst.b},
         "dtype": case.dtype.name,
         "engines": {name: _engine_json(run) for name, run in result.runs.items()},

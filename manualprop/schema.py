@@ -6,18 +6,18 @@ checked in :mod:`manualprop.case`, which turns a validated file into arrays.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, create_model
 
 from .concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
 
-# The names come from the declarations (manualprop.concepts), never listed here.
+# The names come from the declarations (manualprop.concepts), never listed here. Types built at
+# import (these Literals, the models from create_model) are no static types to mypy: where one is
+# used as a type, the ignore[valid-type] says so, and the models' fields are read as Any.
 ActivationName = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 LossName = Literal[(*LOSSES, *LOSS_ALIASES)]  # type: ignore[valid-type]
-InitName = Literal[
-    "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros"
-]
+InitName = Literal["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros"]
 Shape = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=2)]
 
 
@@ -31,7 +31,7 @@ class Uniform(_Strict):
     """Numbers drawn uniformly from [low, high)."""
 
     random: Literal["uniform"]
-    shape: Optional[Shape] = None
+    shape: Shape | None = None
     low: float = 0.0
     high: float = 1.0
 
@@ -40,7 +40,7 @@ class Normal(_Strict):
     """Numbers drawn from a normal distribution."""
 
     random: Literal["normal"]
-    shape: Optional[Shape] = None
+    shape: Shape | None = None
     mean: float = 0.0
     std: Annotated[float, Field(gt=0)] = 1.0
 
@@ -49,10 +49,10 @@ class OneHot(_Strict):
     """Rows with a single 1 in a uniformly drawn column (classification targets)."""
 
     random: Literal["one_hot"]
-    shape: Optional[Shape] = None
+    shape: Shape | None = None
 
 
-Generated = Annotated[Union[Uniform, Normal, OneHot], Field(discriminator="random")]
+Generated = Annotated[Uniform | Normal | OneHot, Field(discriminator="random")]
 _NUMBERS = {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}
 LiteralArray = Annotated[list, WithJsonSchema(_NUMBERS)]
 
@@ -66,26 +66,29 @@ def _bias_kind(value: Any) -> str:
 
 
 ArrayValue = Annotated[
-    Union[Annotated[Generated, Tag("generated")], Annotated[LiteralArray, Tag("literal")]],
+    Annotated[Generated, Tag("generated")] | Annotated[LiteralArray, Tag("literal")],
     Discriminator(_array_kind),
 ]
 BiasValue = Annotated[
-    Union[
-        Annotated[Generated, Tag("generated")],
-        Annotated[LiteralArray, Tag("literal")],
-        Annotated[bool, Tag("flag")],
-    ],
+    Annotated[Generated, Tag("generated")] | Annotated[LiteralArray, Tag("literal")] | Annotated[bool, Tag("flag")],
     Discriminator(_bias_kind),
 ]
 
 
+# Fields of the models below, each (type, FieldInfo), as pydantic's create_model takes them.
+_ACTIVATION_FIELDS: dict[str, Any] = {
+    p.name: (float | None, Field(None, description=p.meaning)) for a in ACTIVATIONS.values() for p in a.params
+}
+
 # An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``. Every declared parameter
 # of any activation may be written here; which belongs to which, and which is required, is
 # checked in manualprop.case against the declaration.
-ActivationSpec = create_model(
-    "ActivationSpec", __base__=_Strict, __doc__="An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``.",
+ActivationSpec: type[Any] = create_model(
+    "ActivationSpec",
+    __base__=_Strict,
+    __doc__="An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``.",
     name=(ActivationName, ...),
-    **{p.name: (Optional[float], Field(None, description=p.meaning)) for a in ACTIVATIONS.values() for p in a.params},
+    **_ACTIVATION_FIELDS,
 )
 
 
@@ -94,7 +97,7 @@ def _spec_kind(value: Any) -> str:
 
 
 ActivationValue = Annotated[
-    Union[Annotated[ActivationName, Tag("by-name")], Annotated[ActivationSpec, Tag("by-spec")]],
+    Annotated[ActivationName, Tag("by-name")] | Annotated[ActivationSpec, Tag("by-spec")],  # type: ignore[valid-type]
     Discriminator(_spec_kind),
 ]
 
@@ -108,24 +111,29 @@ class LossSpec(_Strict):
 
 
 LossValue = Annotated[
-    Union[Annotated[LossName, Tag("by-name")], Annotated[LossSpec, Tag("by-spec")]],
+    Annotated[LossName, Tag("by-name")] | Annotated[LossSpec, Tag("by-spec")],
     Discriminator(_spec_kind),
 ]
 
 OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 _OPTIMIZER_PARAMS = {p.name: p for o in OPTIMIZERS.values() for p in o.params}
+_OPTIMIZER_FIELDS: dict[str, Any] = {
+    p.name: (p.kind | None, Field(None, description=p.meaning)) for p in _OPTIMIZER_PARAMS.values()
+}
 
 # An optimizer with its hyperparameters: ``{name: adam, epsilon: 1.0e-8}``. Every declared
 # hyperparameter of any optimizer may be written here; which belongs to which, and which is
 # required, is checked in manualprop.case against the declaration.
-OptimizerSpec = create_model(
-    "OptimizerSpec", __base__=_Strict, __doc__="An optimizer with its hyperparameters (SPEC section 7).",
+OptimizerSpec: type[Any] = create_model(
+    "OptimizerSpec",
+    __base__=_Strict,
+    __doc__="An optimizer with its hyperparameters (SPEC section 7).",
     name=(OptimizerName, ...),
-    **{p.name: (Optional[p.kind], Field(None, description=p.meaning)) for p in _OPTIMIZER_PARAMS.values()},
+    **_OPTIMIZER_FIELDS,
 )
 
 OptimizerValue = Annotated[
-    Union[Annotated[OptimizerName, Tag("by-name")], Annotated[OptimizerSpec, Tag("by-spec")]],
+    Annotated[OptimizerName, Tag("by-name")] | Annotated[OptimizerSpec, Tag("by-spec")],  # type: ignore[valid-type]
     Discriminator(_spec_kind),
 ]
 
@@ -135,7 +143,7 @@ def _loss_kind(value: Any) -> str:
 
 
 GoldenLoss = Annotated[
-    Union[Annotated[float, Tag("number")], Annotated[Annotated[list[float], Field(min_length=1)], Tag("per-step")]],
+    Annotated[float, Tag("number")] | Annotated[Annotated[list[float], Field(min_length=1)], Tag("per-step")],
     Discriminator(_loss_kind),
 ]
 
@@ -143,8 +151,8 @@ GoldenLoss = Annotated[
 class Tolerance(_Strict):
     """|a - b| <= atol * (1 + |p|) + rtol * max(|a|, |b|), p the parameter before the step."""
 
-    rtol: Optional[Annotated[float, Field(ge=0)]] = None
-    atol: Optional[Annotated[float, Field(ge=0)]] = None
+    rtol: Annotated[float, Field(ge=0)] | None = None
+    atol: Annotated[float, Field(ge=0)] | None = None
 
 
 class LayerSpec(_Strict):
@@ -152,23 +160,23 @@ class LayerSpec(_Strict):
 
     units: Annotated[int, Field(gt=0)]
     activation: ActivationValue = "linear"
-    kernel: Optional[ArrayValue] = Field(None, description="(in, out), the Keras layout")
-    weight: Optional[ArrayValue] = Field(None, description="(out, in), the PyTorch layout")
-    bias: Optional[BiasValue] = Field(None, description="default zeros; false for no bias")
-    init: Optional[InitName] = Field(None, description="how to draw the kernel when none is given")
+    kernel: ArrayValue | None = Field(None, description="(in, out), the Keras layout")
+    weight: ArrayValue | None = Field(None, description="(out, in), the PyTorch layout")
+    bias: BiasValue | None = Field(None, description="default zeros; false for no bias")
+    init: InitName | None = Field(None, description="how to draw the kernel when none is given")
 
     @property
     def activation_name(self) -> str:
-        return self.activation.name if isinstance(self.activation, ActivationSpec) else self.activation
+        return self.activation if isinstance(self.activation, str) else self.activation.name
 
 
 class ExpectedSpec(_Strict):
     """Golden values from a trusted source, checked against every engine that ran."""
 
-    loss: Optional[GoldenLoss] = Field(None, description="the loss before the step, or a list: before each step")
+    loss: GoldenLoss | None = Field(None, description="the loss before the step, or a list: before each step")
     updated: dict[str, LiteralArray] = Field(default_factory=dict)
     deltas: dict[str, LiteralArray] = Field(default_factory=dict)
-    tolerance: Optional[Tolerance] = None
+    tolerance: Tolerance | None = None
 
 
 class CaseSpec(_Strict):
@@ -176,8 +184,8 @@ class CaseSpec(_Strict):
 
     model_config = ConfigDict(title="manualprop case")
 
-    name: Optional[str] = None
-    description: Optional[str] = None
+    name: str | None = None
+    description: str | None = None
     dtype: Literal["float32", "float64"] = "float32"
     seed: Annotated[int, Field(ge=0)] = 0
     loss: LossValue
@@ -187,19 +195,36 @@ class CaseSpec(_Strict):
     inputs: ArrayValue
     targets: ArrayValue
     layers: Annotated[list[LayerSpec], Field(min_length=1)]
-    engines: Optional[Annotated[list[str], Field(min_length=1)]] = None
-    tolerance: Optional[Tolerance] = None
-    expected: Optional[ExpectedSpec] = None
-    known_differences: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = Field(
-        None, description="engine -> the documented reason it diverges on this case (strict: it must diverge)")
+    engines: Annotated[list[str], Field(min_length=1)] | None = None
+    tolerance: Tolerance | None = None
+    expected: ExpectedSpec | None = None
+    known_differences: dict[str, Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="engine -> the documented reason it diverges on this case (strict: it must diverge)"
+    )
 
 
 # Names pydantic puts in an error's location for a union branch, not a field of the file.
-UNION_TAGS = frozenset({"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot", "number", "per-step"})
+UNION_TAGS = frozenset(
+    {"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot", "number", "per-step"}
+)
 
 FIELD_NAMES = sorted(
-    {name for model in (Uniform, Normal, OneHot, ActivationSpec, LossSpec, OptimizerSpec, Tolerance, LayerSpec, ExpectedSpec, CaseSpec)
-     for name in model.model_fields}
+    {
+        name
+        for model in (
+            Uniform,
+            Normal,
+            OneHot,
+            ActivationSpec,
+            LossSpec,
+            OptimizerSpec,
+            Tolerance,
+            LayerSpec,
+            ExpectedSpec,
+            CaseSpec,
+        )
+        for name in model.model_fields
+    }
 )
 
 # The keys allowed in a mapping, by the key it sits under (None: the top level, int: a layer).
@@ -212,12 +237,28 @@ KEYS_UNDER: dict[object, list[str]] = {
     "optimizer": list(OptimizerSpec.model_fields),
     "tolerance": list(Tolerance.model_fields),
     "expected": list(ExpectedSpec.model_fields),
-    **{key: _GENERATED_KEYS for key in ("inputs", "targets", "kernel", "weight", "bias")},
+    **dict.fromkeys(("inputs", "targets", "kernel", "weight", "bias"), _GENERATED_KEYS),
 }
 
 # What users of other tools write for a field, too far from its name for a spelling match.
-KEY_ALIASES = {"learning_rate": "lr", "x": "inputs", "y": "targets", "labels": "targets", "outputs": "targets",
-               "use_bias": "bias", "b": "bias", "out_features": "units", "kernel_initializer": "init"}
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "x": "inputs",
+    "y": "targets",
+    "labels": "targets",
+    "outputs": "targets",
+    "use_bias": "bias",
+    "b": "bias",
+    "out_features": "units",
+    "kernel_initializer": "init",
+    # PyTorch's and Keras's names for the optimizers' hyperparameters (torch.optim, keras.optimizers)
+    "eps": "epsilon",
+    "alpha": "rho",  # RMSprop's alpha in PyTorch; under an activation, alpha is a field and never an alias
+    "betas": "beta1",
+    "beta_1": "beta1",
+    "beta_2": "beta2",
+    "initial_accumulator_value": "initial_accumulator",
+}
 
 
 def json_schema() -> dict:

@@ -89,7 +89,9 @@ class Variant:
 
         spec = optimizers.OPTIMIZERS[self.optimizer]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return run_steps(case, optimizers={**optimizers.OPTIMIZERS, self.optimizer: optimizers.Optimizer(spec.init, self.update)})
+            return run_steps(
+                case, optimizers={**optimizers.OPTIMIZERS, self.optimizer: optimizers.Optimizer(spec.init, self.update)}
+            )
 
 
 def _epsilon_at_step_one(hp: Hyper) -> str:
@@ -97,29 +99,56 @@ def _epsilon_at_step_one(hp: Hyper) -> str:
     return f"epsilon {eps:g} acts as {eps / np.sqrt(1 - b2):.4g} at step 1"
 
 
-UNCORRECTED = ("epsilon on the uncorrected v: p <- p - lr sqrt(1-b2^t)/(1-b1^t) m / (sqrt(v) + eps), "
-               "the SPEC's update with eps / sqrt(1-b2^t) for eps")
+UNCORRECTED = (
+    "epsilon on the uncorrected v: p <- p - lr sqrt(1-b2^t)/(1-b1^t) m / (sqrt(v) + eps), "
+    "the SPEC's update with eps / sqrt(1-b2^t) for eps"
+)
 INSIDE = "epsilon inside the square root"
+
 
 def _canary(name: str) -> str:
     return f"no Keras setting removes it (pinned by cases/canaries/{name}.yaml)"
 
 
 VARIANTS: list[Variant] = [
-    Variant("adam", "Keras 3's Adam", UNCORRECTED, adam_epsilon_uncorrected,
-            _canary("keras_adam_epsilon_uncorrected") + "; Keras 2's Adam follows the SPEC with adaptive_epsilon=True",
-            detail=_epsilon_at_step_one),
-    Variant("adamw", "Keras's AdamW", UNCORRECTED, adamw_epsilon_uncorrected,
-            _canary("keras_adamw_epsilon_uncorrected"), detail=_epsilon_at_step_one),
-    Variant("rmsprop", "Keras's RMSprop", f"{INSIDE}: g / sqrt(s~ + eps) for g / (sqrt(s~) + eps)", rmsprop_epsilon_inside,
-            _canary("keras_rmsprop_epsilon_inside_sqrt")),
-    Variant("adagrad", "Keras's Adagrad", f"{INSIDE}: g / sqrt(acc + eps) for g / (sqrt(acc) + eps)", adagrad_epsilon_inside,
-            _canary("keras_adagrad_epsilon_inside_sqrt")),
-    Variant("sgd", "Keras's SGD(weight_decay=...)",
-            "decoupled weight decay, p <- p - lr wd p beside the momentum, where the SPEC adds wd p to g before it",
-            sgd_decoupled_weight_decay,
-            "an L2 penalty wd/2 sum(p^2) on every parameter gives the SPEC's (as the Keras adapter does)",
-            differs=lambda hp: bool(hp["weight_decay"]) and bool(hp["momentum"])),
+    Variant(
+        "adam",
+        "Keras 3's Adam",
+        UNCORRECTED,
+        adam_epsilon_uncorrected,
+        _canary("keras_adam_epsilon_uncorrected") + "; in Keras 2, Adam(adaptive_epsilon=True) follows the SPEC",
+        detail=_epsilon_at_step_one,
+    ),
+    Variant(
+        "adamw",
+        "Keras's AdamW",
+        UNCORRECTED,
+        adamw_epsilon_uncorrected,
+        _canary("keras_adamw_epsilon_uncorrected"),
+        detail=_epsilon_at_step_one,
+    ),
+    Variant(
+        "rmsprop",
+        "Keras's RMSprop",
+        f"{INSIDE}: g / sqrt(s~ + eps) for g / (sqrt(s~) + eps)",
+        rmsprop_epsilon_inside,
+        _canary("keras_rmsprop_epsilon_inside_sqrt"),
+    ),
+    Variant(
+        "adagrad",
+        "Keras's Adagrad",
+        f"{INSIDE}: g / sqrt(acc + eps) for g / (sqrt(acc) + eps)",
+        adagrad_epsilon_inside,
+        _canary("keras_adagrad_epsilon_inside_sqrt"),
+    ),
+    Variant(
+        "sgd",
+        "Keras's SGD(weight_decay=...)",
+        "decoupled weight decay, p <- p - lr wd p beside the momentum, where the SPEC adds wd p to g before it",
+        sgd_decoupled_weight_decay,
+        "an L2 penalty wd/2 sum(p^2) on every parameter gives the SPEC's (as the Keras adapter does)",
+        differs=lambda hp: bool(hp["weight_decay"]) and bool(hp["momentum"]),
+    ),
 ]
 
 

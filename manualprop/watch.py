@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .harness import CASE_SUFFIXES, bundled_case, bundled_cases
 STEP_MS = 20
 DEBOUNCE_MS = 500
 
-Changes = Iterable[set[tuple[object, str]]]  # watchfiles' batches: {(Change, path), ...}
+Changes = Iterable[Set[tuple[object, str]]]  # watchfiles' batches: {(Change, path), ...}
 Rerun = Callable[[list[Path]], int]
 
 
@@ -47,7 +47,8 @@ class Targets:
     def of(cls, paths: Iterable[str | Path]) -> Targets:
         """The targets of the paths given on the command line (a bundled case's name: its file);
         FileNotFoundError for one that is neither."""
-        files, folders = set(), []
+        files: set[Path] = set()
+        folders: list[Path] = []
         for raw in paths:
             path = Path(raw)
             if not path.exists():
@@ -68,7 +69,7 @@ class Targets:
         need not be, unless a folder was given too (watchfiles has one setting for all)."""
         return bool(self.folders)
 
-    def saved(self, changes: set[tuple[object, str]]) -> list[Path]:
+    def saved(self, changes: Set[tuple[object, str]]) -> list[Path]:
         """The case files of one batch of changes to re-run: a file named, or a case file below a
         folder named, that exists now (an editor may remove a file before it writes it again)."""
         found = set()
@@ -80,13 +81,14 @@ class Targets:
         return sorted(found)
 
 
-def changes(targets: Targets, stop_event=None) -> Iterator[set[tuple[object, str]]]:
+def changes(targets: Targets, stop_event=None) -> Iterator[Set[tuple[object, str]]]:
     """The file system's changes below the targets' roots, one batch per save (watchfiles).
     A Ctrl-C while waiting raises KeyboardInterrupt (watchfiles' other choice logs a warning)."""
     import watchfiles
 
-    yield from watchfiles.watch(*targets.roots, watch_filter=None, debounce=DEBOUNCE_MS, step=STEP_MS,
-                                recursive=targets.recursive, stop_event=stop_event)
+    yield from watchfiles.watch(
+        *targets.roots, watch_filter=None, debounce=DEBOUNCE_MS, step=STEP_MS, recursive=targets.recursive, stop_event=stop_event
+    )
 
 
 def loop(targets: Targets, batches: Changes, rerun: Rerun, out: Console) -> int:
@@ -113,11 +115,13 @@ def watch_run(args: argparse.Namespace, once: Callable[[argparse.Namespace], int
     if args.json:
         Terminal(stderr=True, highlight=False, soft_wrap=True).print(
             "[red]manualprop run: --watch re-runs only the files saved, so it writes no --json report; "
-            "run without --watch for one[/red]")
+            "run without --watch for one[/red]"
+        )
         return EXIT_INVALID
     paths = args.paths or [str(bundled_cases())]
-    return _watch(paths, lambda: once(_without_watch(args)),
-                  lambda saved: once(_without_watch(args, paths=[str(p) for p in saved])))
+    return _watch(
+        paths, lambda: once(_without_watch(args)), lambda saved: once(_without_watch(args, paths=[str(p) for p in saved]))
+    )
 
 
 def watch_explain(args: argparse.Namespace, once: Callable[[argparse.Namespace], int]) -> int:

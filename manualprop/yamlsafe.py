@@ -62,7 +62,9 @@ def load(text: str) -> tuple[Any, dict[tuple, int]]:
         loader = _Loader(text)
     except yaml.reader.ReaderError as err:  # the reader checks the whole text up front
         line = text.count("\n", 0, err.position) + 1
-        raise YamlError(Problem((), f"YAML syntax error: the control character #x{err.character:04x} is not allowed", line)) from None
+        raise YamlError(
+            Problem((), f"YAML syntax error: the control character #x{err.character:04x} is not allowed", line)
+        ) from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as err:
@@ -91,7 +93,7 @@ def load(text: str) -> tuple[Any, dict[tuple, int]]:
 
 def _short(tag: str) -> str:
     """'tag:yaml.org,2002:python/name:os.system' -> '!!python/name:os.system', as written."""
-    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
 def _count(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
@@ -99,7 +101,9 @@ def _count(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
     if id(node) in memo:
         return memo[id(node)]
     if id(node) in open_nodes:
-        raise YamlError(Problem((), "an alias refers to a collection that contains it (a recursive structure)", node.start_mark.line + 1))
+        raise YamlError(
+            Problem((), "an alias refers to a collection that contains it (a recursive structure)", node.start_mark.line + 1)
+        )
     open_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         size = 1 + sum(_count(k, memo, open_nodes) + _count(v, memo, open_nodes) for k, v in node.value)
@@ -117,7 +121,8 @@ def _check_size(root: yaml.Node) -> None:
     memo: dict[int, int] = {}
     if _count(root, memo, set()) <= MAX_NODES:
         return
-    path, line = (), root.start_mark.line + 1
+    path: tuple = ()
+    line = root.start_mark.line + 1
     if isinstance(root, yaml.MappingNode) and root.value:
         key, _ = max(root.value, key=lambda kv: memo[id(kv[1])])
         path, line = (key.value,), key.start_mark.line + 1
@@ -132,19 +137,30 @@ def _build(node: yaml.Node, path: tuple, lines: dict, loader: _Loader) -> Any:
         raise YamlError(Problem(path, f"the tag {_short(node.tag)!r} is not allowed; a case file holds plain data only", line))
     kind = {"tag:yaml.org,2002:map": yaml.MappingNode, "tag:yaml.org,2002:seq": yaml.SequenceNode}.get(node.tag, yaml.ScalarNode)
     if not isinstance(node, kind):
-        raise YamlError(Problem(path, f"the tag {_short(node.tag)!r} does not fit a {node.id}", line))
+        # A composed node is a scalar, a sequence or a mapping node, each with its id; the base Node has none.
+        raise YamlError(Problem(path, f"the tag {_short(node.tag)!r} does not fit a {node.id}", line))  # type: ignore[attr-defined]
     if isinstance(node, yaml.MappingNode):
         result: dict = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise YamlError(Problem(path, "merge keys (<<) are not supported; write the fields out", key_node.start_mark.line + 1))
+                raise YamlError(
+                    Problem(path, "merge keys (<<) are not supported; write the fields out", key_node.start_mark.line + 1)
+                )
             if not isinstance(key_node, yaml.ScalarNode):
                 raise YamlError(Problem(path, "a mapping key must be a plain name", key_node.start_mark.line + 1))
             key = _build(key_node, path, {}, loader)
             if not isinstance(key, str):
-                raise YamlError(Problem(path, f"a mapping key must be a name, found {key!r}; quote it to use it as a name", key_node.start_mark.line + 1))
+                raise YamlError(
+                    Problem(
+                        path,
+                        f"a mapping key must be a name, found {key!r}; quote it to use it as a name",
+                        key_node.start_mark.line + 1,
+                    )
+                )
             if key in result:
-                raise YamlError(Problem((*path, key), f"the key {key!r} appears twice in this mapping", key_node.start_mark.line + 1))
+                raise YamlError(
+                    Problem((*path, key), f"the key {key!r} appears twice in this mapping", key_node.start_mark.line + 1)
+                )
             lines[(*path, key)] = key_node.start_mark.line + 1
             result[key] = _build(value_node, (*path, key), lines, loader)
         return result

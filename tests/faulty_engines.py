@@ -6,12 +6,15 @@ quantity, with the help of the finite-difference oracle.
 """
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
 from manualprop import activations, losses
+from manualprop.activations import Activation
 from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
+from manualprop.losses import Loss
 
 
 class WrongTanhDerivative(NumpyEngine):
@@ -19,7 +22,10 @@ class WrongTanhDerivative(NumpyEngine):
 
     name = "wrong-derivative"
     tanh = activations.ACTIVATIONS["tanh"]
-    activations = {**activations.ACTIVATIONS, "tanh": activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a)}
+    activations: Mapping[str, Activation] = {
+        **activations.ACTIVATIONS,
+        "tanh": activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a),
+    }
 
 
 class DroppedOneOverN(NumpyEngine):
@@ -27,7 +33,7 @@ class DroppedOneOverN(NumpyEngine):
 
     name = "dropped-1/N"
     mse = losses.LOSSES["mse"]
-    losses = {**losses.LOSSES, "mse": losses.Loss(mse.terms, lambda y, t: 2 * (y - t) * y.shape[0], False)}
+    losses: Mapping[str, Loss] = {**losses.LOSSES, "mse": losses.Loss(mse.terms, lambda y, t: 2 * (y - t) * y.shape[0], False)}
 
 
 class TransposedKernel(NumpyEngine):
@@ -65,7 +71,9 @@ class WrongLeakySlope(NumpyEngine):
     name = "wrong-leaky-slope"
 
     def step(self, case):
-        layers = tuple(dataclasses.replace(l, alpha=0.01) if l.activation == "leaky_relu" else l for l in case.layers)
+        layers = tuple(
+            dataclasses.replace(layer, alpha=0.01) if layer.activation == "leaky_relu" else layer for layer in case.layers
+        )
         return super().step(dataclasses.replace(case, layers=layers))
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from manualprop import activations
+
 from finite_differences import gradient
 
 # Points kept away from the kinks of relu and leaky_relu, where no derivative exists.
@@ -48,5 +49,5 @@ def test_sigmoid_and_softmax_stay_finite_for_large_inputs(dtype):
 
 
 def test_unknown_activation_names_the_known_ones():
-    with pytest.raises(ValueError, match="Could not interpret activation function identifier: 'swish'.*tanh"):
+    with pytest.raises(ValueError, match=r"Could not interpret activation function identifier: 'swish'.*tanh"):
         activations.get("swish")

@@ -8,8 +8,10 @@ import pytest
 from manualprop import harness, parse_case
 from manualprop.engine import NumpyEngine
 
-FRAMEWORKS = [pytest.param(n, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} is not installed"))
-              for n, m in (("torch", "torch"), ("keras", "keras"))]
+FRAMEWORKS = [
+    pytest.param(n, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} is not installed"))
+    for n, m in (("torch", "torch"), ("keras", "keras"))
+]
 
 
 def step(engine, text):
@@ -69,10 +71,10 @@ seed: 4
 loss: {{name: {loss}, reduction: {reduction}, scale: 0.75}}
 lr: 0.2
 inputs: {{random: normal, shape: [5, 3]}}
-targets: {{random: {'one_hot' if loss == 'categorical_crossentropy' else 'normal'}}}
+targets: {{random: {"one_hot" if loss == "categorical_crossentropy" else "normal"}}}
 layers:
   - {{units: 4, activation: sigmoid, init: glorot_normal}}
-  - {{units: 3, activation: {'softmax' if loss == 'categorical_crossentropy' else 'linear'}, init: glorot_normal}}
+  - {{units: 3, activation: {"softmax" if loss == "categorical_crossentropy" else "linear"}, init: glorot_normal}}
 """
     case = parse_case(text, "reduction.yaml")
     result = harness.run_case(case, ["numpy", engine])
@@ -96,7 +98,9 @@ def test_a_missing_framework_is_a_skip_with_the_install_command(monkeypatch):
     from manualprop.adapters.torch_engine import TorchEngine
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "keras", "tf_keras") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "keras", "tf_keras") else real(name, *a)
+    )
     case = parse_case(NON_SQUARE.replace("LAYOUT", KERNEL), "adapter.yaml")
     for engine in (TorchEngine(), KerasEngine()):
         reason = engine.unavailable()
@@ -113,7 +117,11 @@ def test_a_reused_model_gives_bit_identical_deltas_to_a_fresh_one(engine):
 
     Engine = {"keras": KerasEngine, "torch": TorchEngine}[engine]
     first = NON_SQUARE.replace("LAYOUT", KERNEL)
-    other = first.replace("lr: 0.1", "lr: 0.37").replace("[1, 2], [3, 4]", "[-1, 2.5], [3, -4]").replace("0.5, -1.0, 2.0", "1.5, 1.0, -2.0")
+    other = (
+        first.replace("lr: 0.1", "lr: 0.37")
+        .replace("[1, 2], [3, 4]", "[-1, 2.5], [3, -4]")
+        .replace("0.5, -1.0, 2.0", "1.5, 1.0, -2.0")
+    )
     for dtype in ("float32", "float64"):
         a, b = (parse_case(text.replace("dtype: float64", f"dtype: {dtype}"), "reuse.yaml") for text in (first, other))
         reused = Engine()

@@ -21,8 +21,13 @@ FILES = sorted(CORPUS.glob("*.yaml"))
 def outcome(tmp_path_factory):
     where = tmp_path_factory.mktemp("corpus")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "manualprop.cli", "run", str(CORPUS), "--engines", "numpy", "--json", "r.json"],
-                          cwd=where, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "manualprop.cli", "run", str(CORPUS), "--engines", "numpy", "--json", "r.json"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.perf_counter() - start
     cases = {Path(c["path"]).name: c for c in json.loads((where / "r.json").read_text())["cases"]}
     return done, seconds, cases, where

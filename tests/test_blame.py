@@ -7,6 +7,7 @@ NumPy engine, so a slip in the reference is blamed on the reference.
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from manualprop import activations, cli, engines, harness, parse_case
 from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
+
 from test_golden import CASE as CASE_FOR_GOLDEN_VALUES
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -42,15 +44,21 @@ def case_file(tmp_path):
 def _sigmoid_slip(monkeypatch):
     """A sigmoid forward of 1 / (1 + e^z), its derivative a (1 - a) as before."""
     sigmoid = activations.ACTIVATIONS["sigmoid"]
-    monkeypatch.setitem(activations.ACTIVATIONS, "sigmoid",
-                        activations.elementwise(lambda z, alpha: 1 / (1 + np.exp(z)), lambda z, a, alpha: a * (1 - a)))
+    monkeypatch.setitem(
+        activations.ACTIVATIONS,
+        "sigmoid",
+        activations.elementwise(lambda z, alpha: 1 / (1 + np.exp(z)), lambda z, a, alpha: a * (1 - a)),
+    )
     return sigmoid
 
 
 def _leaky_slip(monkeypatch):
     """leaky_relu with slope 0.01 in forward and backward, whatever alpha says: self-consistent."""
-    monkeypatch.setitem(activations.ACTIVATIONS, "leaky_relu", activations.elementwise(
-        lambda z, alpha: np.where(z > 0, z, 0.01 * z), lambda z, a, alpha: np.where(z > 0, 1.0, 0.01)))
+    monkeypatch.setitem(
+        activations.ACTIVATIONS,
+        "leaky_relu",
+        activations.elementwise(lambda z, alpha: np.where(z > 0, z, 0.01 * z), lambda z, a, alpha: np.where(z > 0, 1.0, 0.01)),
+    )
 
 
 SLIPS = {"sigmoid forward": (_sigmoid_slip, 0, "A"), "leaky slope 0.01": (_leaky_slip, 1, "A")}
@@ -85,6 +93,7 @@ def test_a_slip_in_the_reference_is_blamed_on_the_reference_not_on_torch(slip, c
 
 # -- faulty engines, registered through the public registry -------------------------------------
 
+
 class LearningRateTwiceOnBiases(NumpyEngine):
     """Applies the learning rate twice to the biases: p - lr * (lr * g)."""
 
@@ -114,7 +123,7 @@ class Float32Slope(NumpyEngine):
     def step(self, case):
         import dataclasses
 
-        layers = tuple(dataclasses.replace(l, alpha=float(np.float32(l.alpha))) for l in case.layers)
+        layers = tuple(dataclasses.replace(layer, alpha=float(np.float32(layer.alpha))) for layer in case.layers)
         return super().step(dataclasses.replace(case, layers=layers))
 
 
@@ -132,9 +141,14 @@ class WrongBackpropWeights(NumpyEngine):
         top = dataclasses.replace(case.layers[last], kernel=case.layers[last].kernel.T.copy())
         traces = reference.forward(case)  # the forward pass with the right kernel
         reference.backward(dataclasses.replace(case, layers=(*case.layers[:last], top)), traces)  # W.T.T = W below
-        traces[last].dW = (traces[last - 1].A.T @ traces[last].dZ)
-        deltas = {name: -case.lr * g for name, g in (
-            *((f"layers.{i}.kernel", t.dW) for i, t in enumerate(traces)), *((f"layers.{i}.bias", t.db) for i, t in enumerate(traces)))}
+        traces[last].dW = traces[last - 1].A.T @ traces[last].dZ
+        deltas = {
+            name: -case.lr * g
+            for name, g in (
+                *((f"layers.{i}.kernel", t.dW) for i, t in enumerate(traces)),
+                *((f"layers.{i}.bias", t.db) for i, t in enumerate(traces)),
+            )
+        }
         return StepResult(reference.loss_value(case, traces), deltas, traces)
 
 
@@ -209,7 +223,9 @@ def test_a_float32_rounded_slope_is_printed_with_the_digits_that_differ(faulty):
 
 
 def test_a_da_divergence_names_the_upper_layer_and_its_weights(faulty):
-    square = BATCH4.replace("units: 2, activation: linear", "units: 3, activation: linear").replace("shape: [4, 2]", "shape: [4, 3]")
+    square = BATCH4.replace("units: 2, activation: linear", "units: 3, activation: linear").replace(
+        "shape: [4, 2]", "shape: [4, 3]"
+    )
     case = parse_case(square, "square.yaml")
     d = harness.run_case(case, ["numpy", "backprop-through-W"]).diagnosis
     assert (d.engine, d.quantity, d.layer, d.line) == ("backprop-through-W", "dA", 1, case.line_of(("layers", 1))), d.sentence
@@ -217,17 +233,27 @@ def test_a_da_divergence_names_the_upper_layer_and_its_weights(faulty):
     assert "W.T" in d.sentence
 
 
+def _unmutated(text: str) -> str:
+    """``text`` with mutmut's name for a function's original body (``x_backward__mutmut_orig``, the
+    frame a crash is in when the suite runs on mutmut's copy, docs/mutation.md) put back to its name."""
+    return re.sub(r"\bx_(\w+?)__mutmut_orig\b", r"\1", text)
+
+
 def test_a_crash_is_a_finding_everywhere(faulty, tmp_path, capsys):
     path = tmp_path / "crash.yaml"
     path.write_text(BATCH4)
     report = tmp_path / "r.json"
     assert cli.main(["run", str(path), "--engines", "numpy,crashes-in-backward", "--json", str(report)]) == 1
-    out = capsys.readouterr().out
+    out = _unmutated(capsys.readouterr().out)
     assert "crashes-in-backward crashed in backward (engine.py:" in out and "ValueError" in out
     d = _diagnosis(report)
-    assert d["quantity"] == "crash" and d["engine"] == "crashes-in-backward" and "in backward (engine.py:" in d["sentence"]
+    assert (
+        d["quantity"] == "crash"
+        and d["engine"] == "crashes-in-backward"
+        and "in backward (engine.py:" in _unmutated(d["sentence"])
+    )
     assert cli.main(["explain", str(path), "--engines", "numpy,crashes-in-backward,not-installed"]) == 1
-    out = capsys.readouterr().out
+    out = _unmutated(capsys.readouterr().out)
     assert "crashes-in-backward did not run (error): crashed in backward (engine.py:" in out
     assert 'not-installed did not run (skipped): its framework is missing: pip install "not-installed"' in out
 
@@ -240,11 +266,17 @@ def test_pytest_reports_a_crash_with_where_it_happened(faulty, tmp_path):
     cases.mkdir()
     (cases / "crash.case.yaml").write_text(BATCH4 + "engines: [numpy, crashes-in-backward]\n")
     (tmp_path / "conftest.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport test_blame\nfrom manualprop import engines\n"
+        "import sys\nsys.path.insert(0, {!r})\nimport test_blame\nfrom manualprop import engines\n"
         "engines.register('crashes-in-backward', test_blame.CrashesInBackward)\n"
-        'pytest_plugins = ["manualprop.pytest_plugin"]\n' % str(__import__("pathlib").Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+        'pytest_plugins = ["manualprop.pytest_plugin"]\n'.format(str(__import__("pathlib").Path(__file__).parent))
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stdout
     assert "crashes-in-backward crashed in backward (engine.py:" in done.stdout
 
@@ -271,7 +303,7 @@ def test_when_the_vote_and_the_oracle_disagree_nobody_is_blamed(faulty, monkeypa
 def _with_slope(case, alpha):
     import dataclasses
 
-    layers = tuple(dataclasses.replace(l, alpha=alpha) for l in case.layers)
+    layers = tuple(dataclasses.replace(layer, alpha=alpha) for layer in case.layers)
     return NumpyEngine().step(dataclasses.replace(case, layers=layers))
 
 
@@ -287,9 +319,14 @@ class DroppedOneOverN(NumpyEngine):
 
 
 def test_a_factor_n_is_found_in_float32_despite_the_rounding_of_small_deltas():
-    case = parse_case(BATCH4.replace("float64", "float32").replace("shape: [4, 3]", "shape: [16, 3]")
-                      .replace("shape: [4, 2]", "shape: [16, 2]").replace("lr: 0.25", "lr: 0.001")
-                      .replace("bias: {random: normal, std: 0.3}", "bias: {random: uniform, low: 20, high: 40}"), "n32.yaml")
+    case = parse_case(
+        BATCH4.replace("float64", "float32")
+        .replace("shape: [4, 3]", "shape: [16, 3]")
+        .replace("shape: [4, 2]", "shape: [16, 2]")
+        .replace("lr: 0.25", "lr: 0.001")
+        .replace("bias: {random: normal, std: 0.3}", "bias: {random: uniform, low: 20, high: 40}"),
+        "n32.yaml",
+    )
     engines.register(DroppedOneOverN.name, DroppedOneOverN)
     try:
         d = harness.run_case(case, ["numpy", DroppedOneOverN.name]).diagnosis

@@ -146,8 +146,13 @@ def test_unknown_engine_on_the_command_line_exits_2(good, capsys):
 
 
 def test_no_arguments_runs_the_bundled_cases_from_any_folder(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "manualprop.cli", "run", "--engines", "numpy", "--json", "r.json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "manualprop.cli", "run", "--engines", "numpy", "--json", "r.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["cases"]) >= 15

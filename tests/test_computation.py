@@ -22,7 +22,8 @@ def test_every_quantity_diagnose_compares_is_shown_by_explain_in_the_same_order(
     assert [s for s in shown if s in set(compared)] == compared
     several = case.steps > 1 or not computation.plain_sgd(case)
     assert {s.step for s in shown if s.label != "updated" and (s.label != "delta" or s.step is not None)} == (
-        set(range(case.steps)) if several else {None})  # each optimization step's quantities carry its index
+        set(range(case.steps)) if several else {None}
+    )  # each optimization step's quantities carry its index
     for q in computation.comparable(case):  # what a diagnosis says of it, wherever it is blamed
         assert q.meaning and q.at.label in diagnose.BEFORE and q.phase in ("forward", "loss", "backward", "update"), q.at
 

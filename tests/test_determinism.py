@@ -13,12 +13,18 @@ CASES = ["seeds/cs4820_a7_tanh_softmax.yaml", "losses/cce_mean_float32_batch16.y
 def cli_deltas(tmp_path: Path, name: str) -> dict:
     report = tmp_path / f"{name}.json"
     paths = [str(ROOT / "cases" / c) for c in CASES]
-    done = subprocess.run([sys.executable, "-m", "manualprop.cli", "run", *paths, "--json", str(report), "-q"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "manualprop.cli", "run", *paths, "--json", str(report), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     cases = json.loads(report.read_text())["cases"]
-    return {c["name"]: {e: json.dumps(r["deltas"], sort_keys=True) for e, r in c["engines"].items() if r["status"] == "ran"}
-            for c in cases}
+    return {
+        c["name"]: {e: json.dumps(r["deltas"], sort_keys=True) for e, r in c["engines"].items() if r["status"] == "ran"}
+        for c in cases
+    }
 
 
 def test_two_runs_give_byte_identical_deltas(tmp_path):
@@ -34,8 +40,13 @@ def pytest_deltas(tmp_path: Path, workers: str) -> dict:
         shutil.copy(ROOT / "cases" / case, project / "cases" / case)
     (project / "pytest.ini").write_text("[pytest]\nmanualprop_files = cases/*.yaml\n")  # these files are not named *.case.yaml
     out = project / "deltas"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, f"--manualprop-deltas={out}"],
-                          cwd=project, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, f"--manualprop-deltas={out}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return {f"{p.parent.name}/{p.stem}": p.read_text() for p in sorted(out.glob("*/*.json"))}
 

@@ -77,7 +77,9 @@ def test_a_delta_reported_transposed_is_called_a_layout_slip(faulty):
     result = harness.run_case(parse_case(CASE, "three.yaml"), ["numpy", "transposed-deltas"])
     d = result.diagnosis
     assert (d.engine, d.quantity) == ("transposed-deltas", "delta")
-    assert any("layers.0.kernel: transposed-deltas's delta matches after transposing: a layout slip" in h for h in d.hints), d.hints
+    assert any("layers.0.kernel: transposed-deltas's delta matches after transposing: a layout slip" in h for h in d.hints), (
+        d.hints
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
@@ -93,7 +95,10 @@ def test_the_report_and_the_terminal_carry_the_diagnosis(faulty, tmp_path, capsy
     report = tmp_path / "r.json"
     assert cli.main(["run", str(path), "--engines", "numpy,wrong-derivative", "--json", str(report)]) == 1
     out = capsys.readouterr().out
-    assert "diagnosis: layer 1 (tanh, line 14): forward agrees; dZ differs first in wrong-derivative: the activation derivative" in out
+    assert (
+        "diagnosis: layer 1 (tanh, line 14): forward agrees; dZ differs first in wrong-derivative: the activation derivative"
+        in out
+    )
     assert "oracle (central differences, 128-bit): numpy" in out
     import json
 
@@ -157,10 +162,17 @@ def test_a_known_difference_that_vanishes_fails_strictly(faulty, tmp_path, capsy
 def test_pytest_reports_known_differences_as_xfail_and_vanished_ones_as_failures(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
-    (cases / "vanished.case.yaml").write_text(CASE + 'engines: [numpy, numeric]\nknown_differences: {numeric: "said to differ"}\n')
+    (cases / "vanished.case.yaml").write_text(
+        CASE + 'engines: [numpy, numeric]\nknown_differences: {numeric: "said to differ"}\n'
+    )
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["manualprop.pytest_plugin"]\n')
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfx"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfx"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stdout
     assert "numeric was declared to differ (said to differ), but it agrees" in done.stdout
 

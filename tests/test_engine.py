@@ -5,6 +5,7 @@ import pytest
 
 from manualprop import parse_case
 from manualprop.engine import NumpyEngine, forward, loss_value
+
 from finite_differences import gradient
 
 NET = {
@@ -16,8 +17,9 @@ NET = {
 }
 
 
-def make_case(hidden: str, loss: str, last: str = "linear", dtype: str = "float64",
-              first_bias: str = "{random: normal, std: 0.1}") -> str:
+def make_case(
+    hidden: str, loss: str, last: str = "linear", dtype: str = "float64", first_bias: str = "{random: normal, std: 0.1}"
+) -> str:
     targets = "{random: one_hot}" if "categorical" in loss else "{random: normal}"
     return f"""
 dtype: {dtype}
@@ -37,6 +39,7 @@ def check_against_finite_differences(case):
     result = NumpyEngine().step(case)
     params = case.parameters()
     for name, initial in params.items():
+
         def loss_at(value, name=name):
             layers = list(case.layers)
             i, kind = int(name.split(".")[1]), name.split(".")[2]
@@ -105,6 +108,6 @@ def test_intermediates_are_kept_per_layer():
     case = parse_case(make_case("tanh", "mse"), "fd.yaml")
     trace = NumpyEngine().step(case).trace
     assert [t.Z.shape for t in trace] == [(6, 4), (6, 3), (6, 2)]
-    for t, layer in zip(trace, case.layers):
+    for t, layer in zip(trace, case.layers, strict=True):
         assert t.dW.shape == layer.kernel.shape
         assert t.dZ.shape == t.Z.shape and t.dA.shape == t.A.shape

@@ -7,6 +7,7 @@ worked example whose numbers are derived by hand in the docstring.
 
 import re
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from manualprop import activations, engines, losses, parse_case
 from manualprop.activations import Activation
 from manualprop.engine import NumpyEngine
 from manualprop.losses import Loss
+
 from finite_differences import gradient
 
 # -- a variant engine swaps its registries: every stage must use the swapped ones ----------------
@@ -25,9 +27,11 @@ class TripledTanhTenfoldMse(NumpyEngine):
     terms by 10 (y - t)^2. Built without activations.elementwise, so that only the engine is tested."""
 
     name = "variant"
-    activations = {**activations.ACTIVATIONS,
-                   "tanh": Activation(lambda z, alpha: 3 * z, lambda dA, z, a, alpha: 3 * dA, True)}
-    losses = {**losses.LOSSES, "mse": Loss(lambda y, t: 10 * (y - t) ** 2, lambda y, t: 20 * (y - t), False)}
+    activations: Mapping[str, Activation] = {
+        **activations.ACTIVATIONS,
+        "tanh": Activation(lambda z, alpha: 3 * z, lambda dA, z, a, alpha: 3 * dA, True),
+    }
+    losses: Mapping[str, Loss] = {**losses.LOSSES, "mse": Loss(lambda y, t: 10 * (y - t) ** 2, lambda y, t: 20 * (y - t), False)}
 
 
 def test_a_variant_engine_runs_its_own_activation_and_loss_worked_example():
@@ -151,8 +155,9 @@ def test_elementwise_builds_da_times_f_prime_and_passes_alpha_on():
     def pulled_back(z):
         return float((cube.forward(z, alpha) * upstream).sum())
 
-    np.testing.assert_allclose(cube.backward(upstream, Z, cube.forward(Z, alpha), alpha),
-                               gradient(pulled_back, Z), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        cube.backward(upstream, Z, cube.forward(Z, alpha), alpha), gradient(pulled_back, Z), rtol=1e-6, atol=1e-9
+    )
 
 
 def jacobian_is_diagonal(act: Activation, alpha: float = 0.1) -> bool:
@@ -202,11 +207,14 @@ def test_an_unknown_loss_lists_every_known_one_and_the_alias():
 
 
 @pytest.mark.parametrize("hidden", ["linear", "sigmoid", "tanh", "relu", "{name: leaky_relu, alpha: 0.2}"])
-@pytest.mark.parametrize("loss, last, targets", [
-    ("mse", "linear", "{random: normal}"),
-    ("{name: mae, reduction: sum, scale: 0.5}", "sigmoid", "{random: normal}"),
-    ("categorical_crossentropy", "softmax", "{random: one_hot}"),
-])
+@pytest.mark.parametrize(
+    "loss, last, targets",
+    [
+        ("mse", "linear", "{random: normal}"),
+        ("{name: mae, reduction: sum, scale: 0.5}", "sigmoid", "{random: normal}"),
+        ("categorical_crossentropy", "softmax", "{random: one_hot}"),
+    ],
+)
 def test_a_float32_case_stays_float32_through_every_activation_and_loss(hidden, loss, last, targets):
     """The SPEC: every engine computes in the case's dtype. Catches a derivative that builds its
     mask in NumPy's default float64, e.g. relu's (z > 0).astype(None) for .astype(z.dtype), a
@@ -228,6 +236,7 @@ layers:
     result = NumpyEngine().step(case)
     arrays = {f"deltas {name}": delta for name, delta in result.deltas.items()}
     for i, trace in enumerate(result.trace):
-        arrays.update({f"layers.{i}.{q}": getattr(trace, q) for q in ("Z", "A", "dA", "dZ", "dW", "db")
-                       if getattr(trace, q) is not None})
-    assert {name: a.dtype.name for name, a in arrays.items()} == {name: "float32" for name in arrays}
+        arrays.update(
+            {f"layers.{i}.{q}": getattr(trace, q) for q in ("Z", "A", "dA", "dZ", "dW", "db") if getattr(trace, q) is not None}
+        )
+    assert {name: a.dtype.name for name, a in arrays.items()} == dict.fromkeys(arrays, "float32")

@@ -15,13 +15,24 @@ ERROR_GRADIENT_OUTPUT = [0.14432633, -0.33878922, 0.05013656, 0.14432633]
 AGGREGATED_LAYER_2 = [-0.44901899, 0.17211113, 0.22872531]
 AGGREGATED_LAYER_1 = [0.55701915, -0.73832976, 0.32417294]
 UPDATED = {
-    "layers.2.kernel": [[-1.00817742, 1.11919554, -0.0028407, -1.00817742], [0.01083027, -1.0254228, 1.10376226, 0.01083027],
-                        [1.09451232, 0.01288169, -1.00190633, 1.09451232]],
+    "layers.2.kernel": [
+        [-1.00817742, 1.11919554, -0.0028407, -1.00817742],
+        [0.01083027, -1.0254228, 1.10376226, 0.01083027],
+        [1.09451232, 0.01288169, -1.00190633, 1.09451232],
+    ],
     "layers.2.bias": [0.08556737, 0.13387892, 0.09498634, 0.08556737],
-    "layers.1.kernel": [[-0.98691951, -0.80501381, 1.29333694], [1.32074994, -1.00795355, -0.81056979], [-0.81308049, 1.30501381, -0.99333694]],
+    "layers.1.kernel": [
+        [-0.98691951, -0.80501381, 1.29333694],
+        [1.32074994, -1.00795355, -0.81056979],
+        [-0.81308049, 1.30501381, -0.99333694],
+    ],
     "layers.1.bias": [0.1449019, 0.08278889, 0.07712747],
-    "layers.0.kernel": [[0.94986828, 0.06644968, -0.02917556], [-0.0668423, 1.08859957, -1.03890075],
-                        [-1.03899134, 0.05168308, -0.02269211], [-0.04456153, -0.94093362, 0.97406616]],
+    "layers.0.kernel": [
+        [0.94986828, 0.06644968, -0.02917556],
+        [-0.0668423, 1.08859957, -1.03890075],
+        [-1.03899134, 0.05168308, -0.02269211],
+        [-0.04456153, -0.94093362, 0.97406616],
+    ],
     "layers.0.bias": [0.04429809, 0.17383298, 0.06758271],
 }
 
@@ -59,8 +70,12 @@ def test_the_error_gradient_at_the_output_layer(explained):
 
 
 def test_the_aggregated_error_gradients(explained):
-    np.testing.assert_allclose(explained["layer 1 backward: dZ, the aggregated error gradient"]["numpy"], AGGREGATED_LAYER_2, atol=5e-9)
-    np.testing.assert_allclose(explained["layer 0 backward: dZ, the aggregated error gradient"]["numpy"], AGGREGATED_LAYER_1, atol=5e-9)
+    np.testing.assert_allclose(
+        explained["layer 1 backward: dZ, the aggregated error gradient"]["numpy"], AGGREGATED_LAYER_2, atol=5e-9
+    )
+    np.testing.assert_allclose(
+        explained["layer 0 backward: dZ, the aggregated error gradient"]["numpy"], AGGREGATED_LAYER_1, atol=5e-9
+    )
 
 
 @pytest.mark.parametrize("param", sorted(UPDATED))

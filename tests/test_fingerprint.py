@@ -23,7 +23,17 @@ def test_numpy_alone_reports_versions_blas_and_settings_without_importing_framew
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     env = json.loads((tmp_path / "r.json").read_text())["environment"]
-    assert {"python", "numpy", "torch", "tensorflow", "keras", "blas", "thread_variables", "cpu_count", "TF_ENABLE_ONEDNN_OPTS"} <= set(env)
+    assert {
+        "python",
+        "numpy",
+        "torch",
+        "tensorflow",
+        "keras",
+        "blas",
+        "thread_variables",
+        "cpu_count",
+        "TF_ENABLE_ONEDNN_OPTS",
+    } <= set(env)
     assert env["blas"], "the BLAS in use"
     assert "torch_threads" not in env  # torch was not imported, so not asked
 

@@ -206,7 +206,9 @@ def test_fuzz_without_hypothesis_exits_2_naming_the_extra(monkeypatch, capsys, t
 def test_the_all_extra_installs_what_every_command_needs():
     import tomllib
 
-    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     assert any(r.startswith("hypothesis") for r in extras["fuzz"])
     assert {"torch", "tf", "fuzz"} <= set(extras["all"][0].split("[")[1].rstrip("]").split(","))
 
@@ -221,8 +223,11 @@ def test_install_hints_name_the_extras(monkeypatch):
 
 def test_a_closed_pipe_ends_quietly():
     """`manualprop run | head -1`: the reader goes away after one line."""
-    run = subprocess.Popen([sys.executable, "-m", "manualprop.cli", "run", "--engines", "numpy,numeric"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "manualprop.cli", "run", "--engines", "numpy,numeric"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     run.stdout.readline()
     run.stdout.close()
     err = run.stderr.read().decode()
@@ -244,8 +249,13 @@ def test_report_says_what_it_wrote(tmp_path, weight_case, capsys):
 
 
 def _pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rsx", *args], cwd=folder,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rsx", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_fresh_folder_with_one_case_file_is_collected_by_pytest(tmp_path):
@@ -322,7 +332,10 @@ def test_pytest_fails_a_known_difference_that_vanished_against_golden_values(tmp
     loss = harness.run_case(load_case(_write(tmp_path / "w.yaml", WEIGHT)), ["numpy"]).runs["numpy"].result.loss
     folder = tmp_path / "course"
     folder.mkdir()
-    _write(folder / "k.case.yaml", WEIGHT + f'engines: [numpy]\nknown_differences: {{numpy: "said to differ"}}\nexpected: {{loss: {loss!r}}}\n')
+    _write(
+        folder / "k.case.yaml",
+        WEIGHT + f'engines: [numpy]\nknown_differences: {{numpy: "said to differ"}}\nexpected: {{loss: {loss!r}}}\n',
+    )
     done = _pytest(folder)
     assert done.returncode == 1 and "numpy was declared to differ (said to differ), but it agrees" in done.stdout, done.stdout
 

@@ -68,5 +68,5 @@ def test_the_pool_is_the_same_for_the_same_seed_and_simplest_first():
 
     first, again = pool(8, 42), pool(8, 42)
     assert first == again and len(first) == 8
-    sizes = [(len(a["layers"]), sum(l["units"] for l in a["layers"])) for a in first]
+    sizes = [(len(a["layers"]), sum(layer["units"] for layer in a["layers"])) for a in first]
     assert sizes == sorted(sizes)

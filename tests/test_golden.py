@@ -14,11 +14,13 @@ from manualprop.engine import NumpyEngine
 from manualprop.golden import golden_hints
 
 BEFORE = np.array([[0.3, -0.2, 0.5], [0.1, 0.4, -0.7], [0.6, -0.1, 0.2]])
-DELTA = np.array([
-    [-0.012345678, 0.045612345, 0.007123456],
-    [0.034298765, -0.021876543, 0.018934567],
-    [-0.005712345, 0.026456789, -0.031198765],
-])
+DELTA = np.array(
+    [
+        [-0.012345678, 0.045612345, 0.007123456],
+        [0.034298765, -0.021876543, 0.018934567],
+        [-0.005712345, 0.026456789, -0.031198765],
+    ]
+)
 AFTER = BEFORE + DELTA
 LR, RTOL, ATOL = 0.1, 1e-6, 1e-7
 LOSS = np.array(0.41368261)
@@ -26,8 +28,19 @@ LOSS = np.array(0.41368261)
 
 def hints(kind, given, lr=LR, batch=4, outputs=3, **options):
     """The hints for ``given`` against DELTA and BEFORE, as layers.1.kernel."""
-    return golden_hints(kind, "layers.1.kernel", np.asarray(given, dtype=float), DELTA, BEFORE, lr, RTOL, ATOL,
-                        batch=batch, outputs=outputs, **options)
+    return golden_hints(
+        kind,
+        "layers.1.kernel",
+        np.asarray(given, dtype=float),
+        DELTA,
+        BEFORE,
+        lr,
+        RTOL,
+        ATOL,
+        batch=batch,
+        outputs=outputs,
+        **options,
+    )
 
 
 def loss_hints(given, batch=4, outputs=2, **options):
@@ -112,15 +125,18 @@ def test_deltas_written_as_the_gradient_itself_name_both_the_sign_and_the_learni
 # -- constant factors -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factor, says", [
-    (4.0, ["the 1/N of the mean is missing (N = 4", "4 times"]),
-    (0.25, ["divided by the batch size N = 4", "1/4 times"]),
-    (2.0, ["a factor 2 too many", "2(y - t)"]),
-    (0.5, ["the 2 of d/dy (y - t)^2 = 2(y - t) is missing", "1/2 times"]),
-    (3.0, ["the 1/3 for the 3 outputs is missing"]),
-    (12.0, ["the mean over all N x 3 = 12 values is missing"]),
-    (LR, ["the learning rate 0.1 is applied twice", "-lr^2*g instead of -lr*g"]),
-])
+@pytest.mark.parametrize(
+    "factor, says",
+    [
+        (4.0, ["the 1/N of the mean is missing (N = 4", "4 times"]),
+        (0.25, ["divided by the batch size N = 4", "1/4 times"]),
+        (2.0, ["a factor 2 too many", "2(y - t)"]),
+        (0.5, ["the 2 of d/dy (y - t)^2 = 2(y - t) is missing", "1/2 times"]),
+        (3.0, ["the 1/3 for the 3 outputs is missing"]),
+        (12.0, ["the mean over all N x 3 = 12 values is missing"]),
+        (LR, ["the learning rate 0.1 is applied twice", "-lr^2*g instead of -lr*g"]),
+    ],
+)
 def test_a_usual_factor_on_the_deltas_is_named(factor, says):
     hint = only(hints("deltas", factor * DELTA))
     for text in says:
@@ -163,8 +179,7 @@ def test_one_wrong_element_is_named_with_both_numbers():
     given = DELTA.copy()
     given[1, 2] = 0.0201
     hint = only(hints("deltas", given))
-    assert hint == ("one element is wrong: layers.1.kernel[1, 2] is 0.0201, the engines' 0.01893; "
-                    "every other element holds.")
+    assert hint == ("one element is wrong: layers.1.kernel[1, 2] is 0.0201, the engines' 0.01893; every other element holds.")
 
 
 def test_one_wrong_element_is_indexed_in_the_weight_layout():
@@ -230,13 +245,16 @@ def test_a_value_that_holds_gets_no_hint():
 # -- the loss ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factor, says", [
-    (2.0, "a factor 2 too many"),
-    (4.0, "the sum over the N = 4 samples where the case takes the mean"),
-    (0.25, "the mean over the N = 4 samples where the case takes the sum"),
-    (8.0, "the sum of all N x 2 = 8 values"),
-    (-1.0, "the sign is flipped"),
-])
+@pytest.mark.parametrize(
+    "factor, says",
+    [
+        (2.0, "a factor 2 too many"),
+        (4.0, "the sum over the N = 4 samples where the case takes the mean"),
+        (0.25, "the mean over the N = 4 samples where the case takes the sum"),
+        (8.0, "the sum of all N x 2 = 8 values"),
+        (-1.0, "the sign is flipped"),
+    ],
+)
 def test_a_factor_on_the_loss_is_named(factor, says):
     hint = only(loss_hints(factor * LOSS))
     assert says in hint and "0.4137" in hint
@@ -281,30 +299,63 @@ def step(text=CASE):
 def end_to_end(case, params, deltas, section, name):
     exp = case.expected
     layout = "weight" if exp.given_as[(section, name)].endswith(".weight") else "kernel"
-    return golden_hints(section, name, getattr(exp, section)[name], deltas[name], params[name], case.lr,
-                        exp.rtol, exp.atol, batch=case.inputs.shape[0], outputs=case.targets.shape[1],
-                        scale=case.scale, layout=layout)
+    return golden_hints(
+        section,
+        name,
+        getattr(exp, section)[name],
+        deltas[name],
+        params[name],
+        case.lr,
+        exp.rtol,
+        exp.atol,
+        batch=case.inputs.shape[0],
+        outputs=case.targets.shape[1],
+        scale=case.scale,
+        layout=layout,
+    )
 
 
 def test_end_to_end_transposed_and_gradient_as_delta():
     case, params, deltas = step()
     updated = params["layers.1.kernel"] + deltas["layers.1.kernel"]
-    transposed = golden_hints("updated", "layers.1.kernel", updated.T, deltas["layers.1.kernel"],
-                              params["layers.1.kernel"], case.lr, RTOL, ATOL, batch=2, outputs=2)
+    transposed = golden_hints(
+        "updated",
+        "layers.1.kernel",
+        updated.T,
+        deltas["layers.1.kernel"],
+        params["layers.1.kernel"],
+        case.lr,
+        RTOL,
+        ATOL,
+        batch=2,
+        outputs=2,
+    )
     assert "(out, in) layout" in only(transposed) and "`layers.1.weight:`" in only(transposed)
     gradient = -deltas["layers.0.bias"] / case.lr
-    plus_g = golden_hints("deltas", "layers.0.bias", gradient, deltas["layers.0.bias"], params["layers.0.bias"],
-                          case.lr, RTOL, ATOL, batch=2, outputs=2)
+    plus_g = golden_hints(
+        "deltas",
+        "layers.0.bias",
+        gradient,
+        deltas["layers.0.bias"],
+        params["layers.0.bias"],
+        case.lr,
+        RTOL,
+        ATOL,
+        batch=2,
+        outputs=2,
+    )
     assert "the learning rate 0.1 is left out" in only(plus_g) and "the sign is flipped" in only(plus_g)
 
 
 def test_end_to_end_through_the_expected_section_of_a_case_file():
     _, params, deltas = step()
     updated = params["layers.1.kernel"] + deltas["layers.1.kernel"]
-    expected = (f"expected:\n"
-                f"  updated: {{layers.1.kernel: {yaml_rows(updated.T)}}}\n"  # (out, in) values under kernel:
-                f"  deltas: {{layers.0.bias: {yaml_rows(-deltas['layers.0.bias'] / 0.1)}, "
-                f"layers.1.weight: {yaml_rows(deltas['layers.1.kernel'])}}}\n")  # (in, out) values under weight:
+    expected = (
+        f"expected:\n"
+        f"  updated: {{layers.1.kernel: {yaml_rows(updated.T)}}}\n"  # (out, in) values under kernel:
+        f"  deltas: {{layers.0.bias: {yaml_rows(-deltas['layers.0.bias'] / 0.1)}, "
+        f"layers.1.weight: {yaml_rows(deltas['layers.1.kernel'])}}}\n"
+    )  # (in, out) values under weight:
     case, params, deltas = step(CASE + expected)
     assert "`layers.1.weight:`" in only(end_to_end(case, params, deltas, "updated", "layers.1.kernel"))
     swapped = only(end_to_end(case, params, deltas, "deltas", "layers.1.kernel"))

@@ -35,12 +35,6 @@ def keras():
     return engine
 
 
-def legacy() -> bool:
-    from manualprop.adapters.keras_engine import legacy_keras
-
-    return legacy_keras()
-
-
 def case_text(optimizer: str, dtype: str = "float64", steps: int = 3) -> str:
     """Two layers with biases, three samples: every parameter gets a gradient of its own size."""
     return f"""
@@ -84,9 +78,9 @@ DIFFERING = [  # Keras computes these as manualprop.variants writes them
 
 def expected_for(c) -> StepResult:
     """What Keras should compute: the SPEC, or Keras's own formula where no setting gives the SPEC's
-    (Keras 2's Adam has adaptive_epsilon, which the adapter sets)."""
+    (Keras 2's Adam keeps adaptive_epsilon at its default, False: Keras 3's step)."""
     found = [v for v in variants.of(c) if v.optimizer != "sgd"]  # SGD's decay is given as an L2 penalty
-    if not found or (c.optimizer == "adam" and legacy()):
+    if not found:
         return NumpyEngine().step(c)
     return found[0].replay(c)
 
@@ -94,16 +88,29 @@ def expected_for(c) -> StepResult:
 def assert_close(c, mine: StepResult, reference: StepResult) -> None:
     """Deltas after the last step, each step's deltas, losses and optimizer state, under the case's tolerance."""
     params = c.parameters()
-    problems = [x.message for n, p in params.items() if not (x := compare(n, "keras", mine.deltas[n], "reference", reference.deltas[n],
-                                                                           c.rtol, c.atol, reference=p)).ok]
+    problems = [
+        x.message
+        for n, p in params.items()
+        if not (x := compare(n, "keras", mine.deltas[n], "reference", reference.deltas[n], c.rtol, c.atol, reference=p)).ok
+    ]
     assert len(mine.history) == len(reference.history) == c.steps
-    for t, (a, b) in enumerate(zip(mine.history, reference.history), 1):
-        problems += [f"step {t}: {x.message}" for n, p in params.items()
-                     if not (x := compare(n, "keras", a.deltas[n], "reference", b.deltas[n], c.rtol, c.atol, reference=p)).ok]
-        problems += [f"step {t} loss: {x.message}" for x in [compare("loss", "keras", np.array(a.loss), "reference", np.array(b.loss), c.rtol, c.atol)] if not x.ok]
+    for t, (a, b) in enumerate(zip(mine.history, reference.history, strict=True), 1):
+        problems += [
+            f"step {t}: {x.message}"
+            for n, p in params.items()
+            if not (x := compare(n, "keras", a.deltas[n], "reference", b.deltas[n], c.rtol, c.atol, reference=p)).ok
+        ]
+        problems += [
+            f"step {t} loss: {x.message}"
+            for x in [compare("loss", "keras", np.array(a.loss), "reference", np.array(b.loss), c.rtol, c.atol)]
+            if not x.ok
+        ]
         for n, state in a.state.items():
-            problems += [f"step {t} {n} {k}: {x.message}" for k, v in state.items()
-                         if not (x := compare(f"{n}.{k}", "keras", v, "reference", b.state[n][k], c.rtol, c.atol)).ok]
+            problems += [
+                f"step {t} {n} {k}: {x.message}"
+                for k, v in state.items()
+                if not (x := compare(f"{n}.{k}", "keras", v, "reference", b.state[n][k], c.rtol, c.atol)).ok
+            ]
     assert not problems, problems
 
 
@@ -133,28 +140,34 @@ def test_the_differences_are_real_in_float64(keras):
     """The formulas the previous test holds Keras to are not the SPEC's: each moves float64 deltas."""
     for optimizer in DIFFERING:
         c = case(optimizer)
-        if c.optimizer == "adam" and legacy():
-            continue
         spec, mine = NumpyEngine().step(c), keras.step(c)
-        assert any(not compare(n, "keras", mine.deltas[n], "numpy", spec.deltas[n], c.rtol, c.atol, reference=p).ok
-                   for n, p in c.parameters().items()), optimizer
+        assert any(
+            not compare(n, "keras", mine.deltas[n], "numpy", spec.deltas[n], c.rtol, c.atol, reference=p).ok
+            for n, p in c.parameters().items()
+        ), optimizer
 
 
-STATEFUL = ["{name: sgd, momentum: 0.9, nesterov: true, weight_decay: 0.1}", "{name: adam, epsilon: 1.0e-8, amsgrad: true}",
-            "{name: adamw, epsilon: 1.0e-8, weight_decay: 0.05}", "{name: rmsprop, rho: 0.9, epsilon: 1.0e-7, momentum: 0.5, centered: true}",
-            "{name: adagrad, initial_accumulator: 0.1, epsilon: 1.0e-7}"]
+STATEFUL = [
+    "{name: sgd, momentum: 0.9, nesterov: true, weight_decay: 0.1}",
+    "{name: adam, epsilon: 1.0e-8, amsgrad: true}",
+    "{name: adamw, epsilon: 1.0e-8, weight_decay: 0.05}",
+    "{name: rmsprop, rho: 0.9, epsilon: 1.0e-7, momentum: 0.5, centered: true}",
+    "{name: adagrad, initial_accumulator: 0.1, epsilon: 1.0e-7}",
+]
 
 
 def other_weights(c):
     """The same architecture and optimizer (so the same compiled model), other weights."""
-    return c.with_parameters({n: p * np.asarray(-1.5, dtype=p.dtype) + np.asarray(0.25, dtype=p.dtype) for n, p in c.parameters().items()})
+    return c.with_parameters(
+        {n: p * np.asarray(-1.5, dtype=p.dtype) + np.asarray(0.25, dtype=p.dtype) for n, p in c.parameters().items()}
+    )
 
 
 def assert_identical(a: StepResult, b: StepResult) -> None:
     assert a.losses == b.losses
     for n in a.deltas:
         np.testing.assert_array_equal(a.deltas[n], b.deltas[n])
-    for x, y in zip(a.history, b.history):
+    for x, y in zip(a.history, b.history, strict=True):
         for n in x.state:
             assert x.state[n].keys() == y.state[n].keys()
             for k in x.state[n]:
@@ -195,8 +208,8 @@ def test_each_step_has_its_own_trace(keras):
     c = case("{name: sgd, momentum: 0.9}")
     mine, spec = keras.step(c), NumpyEngine().step(c)
     assert mine.trace is mine.history[0].trace
-    for t, (a, b) in enumerate(zip(mine.history, spec.history), 1):
-        for i, (x, y) in enumerate(zip(a.trace, b.trace)):
+    for t, (a, b) in enumerate(zip(mine.history, spec.history, strict=True), 1):
+        for i, (x, y) in enumerate(zip(a.trace, b.trace, strict=True)):
             for field in ("Z", "A", "dW", "db"):
                 assert compare(field, "keras", getattr(x, field), "numpy", getattr(y, field), c.rtol, c.atol).ok, (t, i, field)
     assert not np.allclose(mine.history[0].trace[0].Z, mine.history[2].trace[0].Z)  # each from its own parameters
@@ -218,8 +231,6 @@ def runs(c, *names):
 def test_each_canary_holds_and_states_its_difference(keras, optimizer):
     variant = CANARY_OF[optimizer]
     c = load_case(canary_path(variant))
-    if optimizer == "adam" and legacy():
-        pytest.skip("Keras 2's Adam takes adaptive_epsilon=True and follows the SPEC: this canary vanishes there")
     assert c.optimizer == optimizer and "epsilon" in c.known_differences["keras"]
     result = harness.run_case(c, ["numpy", "keras"])
     assert result.ok and not result.vanished, result.notes
@@ -231,8 +242,6 @@ def test_each_canary_holds_and_states_its_difference(keras, optimizer):
 def test_each_hint_fires_on_its_canary_and_not_the_other_way_round(keras, optimizer):
     variant = CANARY_OF[optimizer]
     c = load_case(canary_path(variant))
-    if optimizer == "adam" and legacy():
-        pytest.skip("Keras 2's Adam follows the SPEC: nothing to name")
     numpy_run, keras_run = runs(c, "numpy", "keras")
     step = Step("delta", None, "layers.0.kernel")
     found = hints.hints(c, step, keras_run, numpy_run)
@@ -246,8 +255,6 @@ def test_each_hint_fires_on_its_canary_and_not_the_other_way_round(keras, optimi
 @pytest.mark.parametrize("optimizer", sorted(CANARY_OF))
 def test_a_diagnosis_of_the_canary_without_its_known_difference_blames_keras_and_names_it(keras, optimizer):
     variant = CANARY_OF[optimizer]
-    if optimizer == "adam" and legacy():
-        pytest.skip("Keras 2's Adam follows the SPEC: nothing to diagnose")
     c = dataclasses.replace(load_case(canary_path(variant)), known_differences={})
     result = harness.run_case(c, ["numpy", "keras"])
     assert not result.ok and result.diagnosis is not None and result.diagnosis.engine == "keras", result.diagnosis
@@ -258,7 +265,9 @@ def test_a_diagnosis_of_the_canary_without_its_known_difference_blames_keras_and
 def test_the_optimizer_hint_is_silent_where_keras_agrees_and_leaves_other_slips_to_their_hints(keras):
     c = case("{name: adam, epsilon: 1.0e-8}")
     numpy_run = harness.run_engine(c, "numpy")
-    flipped = EngineRun("flipped", numpy_run.status, StepResult(numpy_run.result.loss, {n: -d for n, d in numpy_run.result.deltas.items()}))
+    flipped = EngineRun(
+        "flipped", numpy_run.status, StepResult(numpy_run.result.loss, {n: -d for n, d in numpy_run.result.deltas.items()})
+    )
     found = hints.hints(c, Step("delta", None, "layers.0.kernel"), flipped, numpy_run)
     assert not [h for h in found if "follow" in h] and any("sign flip" in h for h in found), found
     agreeing = case("{name: sgd, momentum: 0.9, weight_decay: 0.1}")
@@ -272,7 +281,9 @@ def test_kerass_own_sgd_weight_decay_is_decoupled_and_the_hint_names_it(keras, m
     from manualprop.adapters import keras_engine
 
     def decoupled(k, hp, number):
-        return k.optimizers.SGD(momentum=number(hp["momentum"]), nesterov=bool(hp["nesterov"]), weight_decay=number(hp["weight_decay"]))
+        return k.optimizers.SGD(
+            momentum=number(hp["momentum"]), nesterov=bool(hp["nesterov"]), weight_decay=number(hp["weight_decay"])
+        )
 
     c = case("{name: sgd, momentum: 0.9, weight_decay: 0.1}")
     monkeypatch.setattr(keras_engine, "_penalty", lambda k, c: None)
@@ -281,9 +292,12 @@ def test_kerass_own_sgd_weight_decay_is_decoupled_and_the_hint_names_it(keras, m
     (variant,) = variants.of(c)
     assert_close(c, own, variant.replay(c))
     spec = NumpyEngine().step(c)
-    assert any(not compare(n, "a", own.deltas[n], "b", spec.deltas[n], c.rtol, c.atol, reference=p).ok for n, p in c.parameters().items())
-    found = hints.hints(c, Step("delta", None, "layers.0.kernel"), EngineRun("keras", Status.RAN, own),
-                        EngineRun("numpy", Status.RAN, spec))
+    assert any(
+        not compare(n, "a", own.deltas[n], "b", spec.deltas[n], c.rtol, c.atol, reference=p).ok for n, p in c.parameters().items()
+    )
+    found = hints.hints(
+        c, Step("delta", None, "layers.0.kernel"), EngineRun("keras", Status.RAN, own), EngineRun("numpy", Status.RAN, spec)
+    )
     assert len(found) == 1 and "decoupled weight decay" in found[0], found
 
 
@@ -306,16 +320,29 @@ print(json.dumps(out))
 """
 
 
-def test_keras2_runs_every_optimizer_and_its_adam_follows_the_spec(keras):
-    """Under TF_USE_LEGACY_KERAS=1 (tf_keras), in a process of its own."""
+def test_keras2_runs_every_optimizer_and_takes_keras_3s_steps(keras):
+    """Under TF_USE_LEGACY_KERAS=1 (tf_keras), in a process of its own: Keras 2's Adam keeps
+    adaptive_epsilon at its default, so it follows Keras's formula as Keras 3's does."""
     import importlib.util
 
     if importlib.util.find_spec("tf_keras") is None:
-        pytest.skip("tf_keras is not installed (pip install \"manualprop[keras2]\")")
+        pytest.skip('tf_keras is not installed (pip install "manualprop[keras2]")')
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", KERAS2], input=case_text("OPTIMIZER"), capture_output=True, text=True,
-                          env=env, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", KERAS2],
+        input=case_text("OPTIMIZER"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     follows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert follows == {"sgd": ["spec"], "adam": ["spec"], "adamw": ["keras formula"], "rmsprop": ["keras formula"],
-                       "adagrad": ["keras formula"]}
+    assert follows == {
+        "sgd": ["spec"],
+        "adam": ["keras formula"],
+        "adamw": ["keras formula"],
+        "rmsprop": ["keras formula"],
+        "adagrad": ["keras formula"],
+    }

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from manualprop import losses
+
 from finite_differences import gradient
 
 RNG = np.random.default_rng(11)
@@ -47,5 +48,5 @@ def test_cross_entropy_on_logits_is_stable_where_probabilities_underflow():
 
 
 def test_unknown_loss_names_the_known_ones():
-    with pytest.raises(ValueError, match="Could not interpret loss identifier: 'hinge'.*mse"):
+    with pytest.raises(ValueError, match=r"Could not interpret loss identifier: 'hinge'.*mse"):
         losses.get("hinge")

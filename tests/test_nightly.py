@@ -27,7 +27,9 @@ OFFLINE_CHECKS = 'pip install -e ".[dev,keras2]" && npm ci --prefix ci'
 
 def tool_missing(what: str):
     if REQUIRED:
-        pytest.fail(f"{what} is required here (MANUALPROP_REQUIRE_OFFLINE_CHECKS=1); install the offline checks with: {OFFLINE_CHECKS}")
+        pytest.fail(
+            f"{what} is required here (MANUALPROP_REQUIRE_OFFLINE_CHECKS=1); install the offline checks with: {OFFLINE_CHECKS}"
+        )
     pytest.skip(f"{what} is not installed; install the offline checks with: {OFFLINE_CHECKS}")
 
 
@@ -98,8 +100,9 @@ def check_jsonschema(path):
     exe = shutil.which("check-jsonschema")
     if exe is None:
         tool_missing("check-jsonschema")
-    return subprocess.run([exe, "--builtin-schema", "vendor.github-workflows", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [exe, "--builtin-schema", "vendor.github-workflows", str(path)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_workflow_validates_against_githubs_schema(tmp_path):
@@ -133,8 +136,13 @@ def test_a_keras2_cell_runs_the_keras_engine_on_tf_keras(tmp_path):
     case = ROOT / "cases" / "seeds" / "cs4820_a7_tanh_softmax.yaml"
     report = tmp_path / "keras2.json"
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
-    done = subprocess.run([sys.executable, "-m", "manualprop.cli", "run", str(case), "--engines", "numpy,keras", "--json", str(report)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "manualprop.cli", "run", str(case), "--engines", "numpy,keras", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(report.read_text())
     assert data["cases"][0]["engines"]["keras"]["status"] == "ran"

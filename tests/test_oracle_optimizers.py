@@ -86,7 +86,7 @@ def test_the_oracle_agrees_with_the_numpy_reference(runs, setting):
     for name, before in initial.items():
         c = compare(name, "numeric", oracle.deltas[name], "numpy", reference.deltas[name], case.rtol, case.atol, reference=before)
         assert c.ok, c.message
-    for t, (mine, theirs) in enumerate(zip(oracle.history, reference.history), start=1):
+    for t, (mine, theirs) in enumerate(zip(oracle.history, reference.history, strict=True), start=1):
         c = compare("loss", "numeric", np.array(mine.loss), "numpy", np.array(theirs.loss), case.rtol, case.atol)
         assert c.ok, f"step {t}: {c.message}"
         for name, before in initial.items():
@@ -131,7 +131,8 @@ BIAS = [0.125, -0.5]
 
 
 def _two_units(activation: str, targets: np.ndarray, optimizer: str, steps: int):
-    return parse_case(f"""
+    return parse_case(
+        f"""
 dtype: float64
 loss: mse
 lr: 0.01
@@ -141,7 +142,9 @@ layers:
   - {{units: 2, activation: {activation}, kernel: {json.dumps(KERNEL)}, bias: {json.dumps(BIAS)}}}
 optimizer: {optimizer}
 steps: {steps}
-""", f"{activation}.yaml")
+""",
+        f"{activation}.yaml",
+    )
 
 
 def _near_epsilon(epsilon: float):
@@ -208,17 +211,29 @@ def test_a_gradient_of_unknown_sign_costs_a_step_of_lr_and_covers_the_reference(
     assert np.all(reference.deltas["layers.0.bias"][1] == 0) and np.all(reference.deltas["layers.0.kernel"][:, 1] == 0)
     assert case.lr <= result.uncertainty["layers.0.bias"][1] <= 2 * case.steps * case.lr * 1.01
     for name, before in case.parameters().items():
-        c = compare(name, "numeric", result.deltas[name], "numpy", reference.deltas[name], case.rtol, case.atol,
-                    reference=before, allowance=result.uncertainty[name])
+        c = compare(
+            name,
+            "numeric",
+            result.deltas[name],
+            "numpy",
+            reference.deltas[name],
+            case.rtol,
+            case.atol,
+            reference=before,
+            allowance=result.uncertainty[name],
+        )
         assert c.ok, c.message
     # The well-determined unit keeps a small uncertainty.
-    assert result.uncertainty["layers.0.bias"][0] < 1e-3 * tolerated(case.rtol, case.atol, result.deltas["layers.0.bias"][0], 0.125)
+    assert result.uncertainty["layers.0.bias"][0] < 1e-3 * tolerated(
+        case.rtol, case.atol, result.deltas["layers.0.bias"][0], 0.125
+    )
 
 
 def test_a_relu_kink_covers_the_one_sided_convention_through_adam():
     """relu at exactly 0: the central difference averages the two slopes, NumPy takes relu'(0) = 0;
     through two Adam steps the oracle's uncertainty still covers NumPy's deltas."""
-    case = parse_case("""
+    case = parse_case(
+        """
 dtype: float64
 loss: mse
 lr: 0.25
@@ -229,14 +244,27 @@ layers:
   - {units: 2, activation: linear, kernel: [[1, -1], [0.5, 2], [-1, 0.25]], bias: [0.5, -0.5]}
 optimizer: {name: adam, epsilon: 1.0e-8}
 steps: 2
-""", "kink.yaml")
+""",
+        "kink.yaml",
+    )
     result, reference = NumericEngine().step(case), NumpyEngine().step(case)
     far = False
     for name, before in case.parameters().items():
-        plain = compare(name, "numeric", result.deltas[name], "numpy", reference.deltas[name], case.rtol, case.atol, reference=before)
+        plain = compare(
+            name, "numeric", result.deltas[name], "numpy", reference.deltas[name], case.rtol, case.atol, reference=before
+        )
         far = far or not plain.ok
-        c = compare(name, "numeric", result.deltas[name], "numpy", reference.deltas[name], case.rtol, case.atol,
-                    reference=before, allowance=result.uncertainty[name])
+        c = compare(
+            name,
+            "numeric",
+            result.deltas[name],
+            "numpy",
+            reference.deltas[name],
+            case.rtol,
+            case.atol,
+            reference=before,
+            allowance=result.uncertainty[name],
+        )
         assert c.ok, c.message
     assert far  # the conventions really differ here: only the stated uncertainty reconciles them
 
@@ -312,6 +340,7 @@ def test_every_bounded_operation_contains_its_exact_values(operation, shared):
     xs, rx = [0.8, -0.3, 0.05, 2.0, 0.0], [0.5, 0.4, 0.1, 1e-3, 0.2]
     ys, ry = [0.2, 0.6, -1.0, 1.5, 0.1], [0.3, 0.1, 0.5, 0.25, 0.05]
     with gmpy2.context(precision=PRECISION):
+
         def mp(a):
             return np.array([gmpy2.mpfr(v) for v in a], dtype=object)
 

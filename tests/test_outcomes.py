@@ -40,7 +40,9 @@ def test_failing_verdicts_are_those_that_fail_a_run():
 
 def test_outcomes_sit_below_the_rest_of_the_package():
     tree = ast.parse(Path(manualprop.__file__).with_name("outcomes.py").read_text(encoding="utf-8"))
-    imported = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("manualprop"))]
+    imported = [
+        n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("manualprop"))
+    ]
     imported += [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name.startswith("manualprop") for a in n.names)]
     assert not imported, "manualprop/outcomes.py must import nothing from the package"
 

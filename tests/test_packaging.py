@@ -19,7 +19,9 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if done.returncode != 0:
         pytest.fail(f"building the wheel failed:\n{done.stdout}\n{done.stderr}")
@@ -37,8 +39,12 @@ def test_the_wheel_has_one_top_level_package_and_ships_the_cases(wheel):
 
 def test_the_installed_package_runs_from_another_folder(wheel, tmp_path):
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert not (site / "adapters").exists()
     code = (
         "import importlib.util, manualprop, manualprop.adapters.torch_engine as t\n"

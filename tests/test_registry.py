@@ -1,5 +1,6 @@
 """The engine registry: built-ins, the entry-point group, and the Engine protocol."""
 
+import re
 import sys
 import textwrap
 
@@ -12,12 +13,14 @@ from manualprop.engines import Engine
 @pytest.fixture
 def plugin_distribution(tmp_path, monkeypatch):
     """An installed third-party package that declares an engine through the entry point."""
-    (tmp_path / "mp_plugin_engine.py").write_text(textwrap.dedent("""
+    (tmp_path / "mp_plugin_engine.py").write_text(
+        textwrap.dedent("""
         from manualprop.engine import NumpyEngine
 
         class PluginEngine(NumpyEngine):
             name = "plugin"
-    """))
+    """)
+    )
     info = tmp_path / "mp_plugin_engine-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mp-plugin-engine\nVersion: 1.0\n")
@@ -47,5 +50,5 @@ def test_every_builtin_satisfies_the_protocol_without_importing_its_framework():
 
 
 def test_unknown_engine_names_the_registered_ones():
-    with pytest.raises(ValueError, match="Unknown engine 'jax'. Registered: numpy, torch, keras"):
+    with pytest.raises(ValueError, match=re.escape("Unknown engine 'jax'. Registered: numpy, torch, keras")):
         engines.get("jax")

@@ -63,8 +63,9 @@ def test_relu_derivative_written_as_max_0_y_is_caught(engine, monkeypatch):
     """Seed 002: derivative_relu returns np.maximum(0, y) instead of the step function."""
     assert failing_params(RELU_CASE, engine) == set()
     relu = activations.ACTIVATIONS["relu"]
-    monkeypatch.setitem(activations.ACTIVATIONS, "relu",
-                        activations.elementwise(relu.forward, lambda z, a, alpha: np.maximum(0, a)))
+    monkeypatch.setitem(
+        activations.ACTIVATIONS, "relu", activations.elementwise(relu.forward, lambda z, a, alpha: np.maximum(0, a))
+    )
     assert {"layers.0.kernel", "layers.0.bias"} <= failing_params(RELU_CASE, engine)
 
 
@@ -73,8 +74,9 @@ def test_f_used_where_f_prime_belongs_is_caught(engine, monkeypatch):
     """Seed 003: the generic loop multiplies by f(y) where it needs f'(y)."""
     assert failing_params(LEAKY_CASE, engine) == set()
     leaky = activations.ACTIVATIONS["leaky_relu"]
-    monkeypatch.setitem(activations.ACTIVATIONS, "leaky_relu",
-                        activations.elementwise(leaky.forward, lambda z, a, alpha: leaky.forward(z, alpha)))
+    monkeypatch.setitem(
+        activations.ACTIVATIONS, "leaky_relu", activations.elementwise(leaky.forward, lambda z, a, alpha: leaky.forward(z, alpha))
+    )
     assert "layers.2.kernel" in failing_params(LEAKY_CASE, engine)
 
 

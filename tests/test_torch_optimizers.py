@@ -76,8 +76,14 @@ def test_a_case_run_after_another_gives_bit_identical_results_to_a_fresh_engine(
     for dtype in ("float32", "float64"):
         target = case(option, dtype)
         same_optimizer = case(option, dtype, OTHER_SETTINGS[option], lr=0.37, std=1.5)
-        other_optimizer = case(option, dtype, "{name: adagrad, initial_accumulator: 5.0, epsilon: 0.5}"
-                               if not option.startswith("adagrad") else "{name: sgd, momentum: 0.9}", lr=0.05)
+        other_optimizer = case(
+            option,
+            dtype,
+            "{name: adagrad, initial_accumulator: 5.0, epsilon: 0.5}"
+            if not option.startswith("adagrad")
+            else "{name: sgd, momentum: 0.9}",
+            lr=0.05,
+        )
         reused = torch_engine()
         after = [reused.step(same_optimizer), reused.step(target), reused.step(other_optimizer), reused.step(target)]
         fresh = torch_engine().step(target)
@@ -87,13 +93,15 @@ def test_a_case_run_after_another_gives_bit_identical_results_to_a_fresh_engine(
             for name, delta in fresh.deltas.items():
                 assert delta.dtype == np.dtype(dtype)
                 assert again.deltas[name].tobytes() == delta.tobytes(), (dtype, name)
-            for mine, theirs in zip(again.history, fresh.history):
+            for mine, theirs in zip(again.history, fresh.history, strict=True):
                 assert mine.state.keys() == theirs.state.keys()
                 for name, state in theirs.state.items():
                     assert {k: v.tobytes() for k, v in mine.state[name].items()} == {k: v.tobytes() for k, v in state.items()}
         # The other cases really were other steps: had they matched the target, this test proves nothing.
-        assert all(other.deltas["layers.0.kernel"].tobytes() != fresh.deltas["layers.0.kernel"].tobytes()
-                   for other in (after[0], after[2]))
+        assert all(
+            other.deltas["layers.0.kernel"].tobytes() != fresh.deltas["layers.0.kernel"].tobytes()
+            for other in (after[0], after[2])
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -113,7 +121,7 @@ def test_each_optimizer_agrees_with_the_reference_engine_step_by_step(option, dt
         assert np.any(delta != 0)
 
     expected_state = OPTIONS[option][1]
-    for t, (mine, theirs) in enumerate(zip(result.history, reference.history), start=1):
+    for t, (mine, theirs) in enumerate(zip(result.history, reference.history, strict=True), start=1):
         for name, delta in theirs.deltas.items():  # each step's own change
             np.testing.assert_allclose(mine.deltas[name], delta, rtol=rtol, atol=atol, err_msg=f"step {t} {name}")
         assert mine.state.keys() == theirs.state.keys()
@@ -124,7 +132,7 @@ def test_each_optimizer_agrees_with_the_reference_engine_step_by_step(option, dt
                 np.testing.assert_allclose(value, theirs.state[name][key], rtol=rtol, atol=atol, err_msg=f"step {t} {name} {key}")
         # That step's trace, not the first step's: the gradient at the parameters of step t.
         assert mine.trace is not None and len(mine.trace) == len(target.layers)
-        for layer, (mine_layer, theirs_layer) in enumerate(zip(mine.trace, theirs.trace)):
+        for layer, (mine_layer, theirs_layer) in enumerate(zip(mine.trace, theirs.trace, strict=True)):
             np.testing.assert_allclose(mine_layer.dW, theirs_layer.dW, rtol=rtol, atol=atol, err_msg=f"step {t} layer {layer} dW")
     assert result.trace is result.history[0].trace
     assert np.any(result.history[2].trace[0].dW != result.history[0].trace[0].dW)

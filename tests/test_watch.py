@@ -40,6 +40,7 @@ def tiny_loss(target: float) -> float:
 
 def saves(*steps):
     """Scripted changes: each step is (path, text or None to delete); written, then yielded as a batch."""
+
     def changes(targets, stop_event=None):
         for path, text in steps:
             if text is None:
@@ -47,6 +48,7 @@ def saves(*steps):
             else:
                 path.write_text(text)
             yield {(object(), str(path.resolve()))}
+
     return changes
 
 
@@ -85,7 +87,7 @@ def test_a_half_written_save_prints_its_error_and_the_watch_goes_on(tmp_path, mo
     case = tmp_path / "tiny.yaml"
     case.write_text(tiny(0.5))
     whole = tiny(1.5)
-    half = whole[:whole.index("kernel: [[0.5]")]  # cut in the middle of the last layer's flow mapping
+    half = whole[: whole.index("kernel: [[0.5]")]  # cut in the middle of the last layer's flow mapping
     monkeypatch.setattr(watch, "changes", saves((case, half), (case, "lr: [\n"), (case, whole)))
     status = cli.main(["run", str(case), "--watch", "--engines", "numpy"])
     out = capsys.readouterr().out
@@ -157,8 +159,10 @@ def test_run_without_watch_imports_no_watcher(tmp_path):
     """Start-up time matters: watch.py and watchfiles are imported only with --watch."""
     case = tmp_path / "tiny.yaml"
     case.write_text(tiny())
-    code = (f"import sys; from manualprop.cli import main; main(['run', {str(case)!r}, '--engines', 'numpy']); "
-            "print([m for m in ('watchfiles', 'manualprop.watch') if m in sys.modules])")
+    code = (
+        f"import sys; from manualprop.cli import main; main(['run', {str(case)!r}, '--engines', 'numpy']); "
+        "print([m for m in ('watchfiles', 'manualprop.watch') if m in sys.modules])"
+    )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines()[-1] == "[]", done.stdout + done.stderr
 

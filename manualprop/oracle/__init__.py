@@ -59,6 +59,11 @@ def _rounded(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rounded, FLOAT64 * np.abs(rounded)
 
 
+def _by_column(loss: Callable[[int], gmpy2.mpfr]) -> Callable[[tuple], gmpy2.mpfr]:
+    """L as a function of a kernel or bias element's index: its column (the last coordinate) decides."""
+    return lambda index: loss(index[-1])
+
+
 class _Oracle:
     """One case's network and forward pass in MPFR, and the differences taken on it."""
 
@@ -75,19 +80,19 @@ class _Oracle:
         found = {}
         for i, layer in enumerate(self.net.layers):
             column_loss = self.column_loss(i)
-            found[f"layers.{i}.kernel"] = gradient(layer.W, lambda index, f=column_loss: f(index[-1]), self.loss)
+            found[f"layers.{i}.kernel"] = gradient(layer.W, _by_column(column_loss), self.loss)
             if layer.b is not None:
-                found[f"layers.{i}.bias"] = gradient(layer.b, lambda index, f=column_loss: f(index[-1]), self.loss)
+                found[f"layers.{i}.bias"] = gradient(layer.b, _by_column(column_loss), self.loss)
         return found
 
-    def column_loss(self, i: int) -> Callable[[int], object]:
+    def column_loss(self, i: int) -> Callable[[int], gmpy2.mpfr]:
         """L as a function of output ``column`` of layer i, after one of its kernel or bias elements
         moved: that column of Z recomputed (the same sums as the whole product), L from there on."""
         layer, a = self.net.layers[i], self.layer_input(i)
         z, activated = self.forward[i]
         elementwise = ACTIVATIONS[layer.activation].elementwise
 
-        def loss(column: int) -> object:
+        def loss(column: int) -> gmpy2.mpfr:
             moved = a @ layer.W[:, column]
             if layer.b is not None:
                 moved = moved + layer.b[column]
@@ -110,7 +115,7 @@ class _Oracle:
         grad = np.empty(values.shape, dtype=object)
         uncertainty = np.zeros(values.shape)
         for s in range(values.shape[0]):
-            row = values[s:s + 1].copy()
+            row = values[s : s + 1].copy()
 
             def sample_loss(moved_row, s=s):
                 out = self.net.output_from(i + 1, layer.activate(moved_row) if field == "Z" else moved_row)
@@ -158,7 +163,8 @@ def _steps(case: Case) -> tuple[dict, list[StepRecord], _Oracle, dict[str, tuple
     params = {name: Bounded(values) for name, values in initial.items()}
     state: dict[str, dict[str, Bounded]] = {name: {} for name in initial}
     total: dict[str, Bounded] = {}  # the sum of the steps' directions: p = p0 - lr * total
-    history, first = [], None
+    history: list[StepRecord] = []
+    first: tuple[_Oracle, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
     for t in range(1, case.steps + 1):
         here = {name: p.x for name, p in params.items()}
         oracle = _Oracle(net.with_parameters(here) if t > 1 else net)
@@ -166,18 +172,30 @@ def _steps(case: Case) -> tuple[dict, list[StepRecord], _Oracle, dict[str, tuple
         first = first or (oracle, gradients)
         moved = None
         if t > 1:  # the parameters reached are uncertain: so is the gradient taken there
-            moved = drift(lambda shifted: _Oracle(net.with_parameters(shifted)).parameter_gradients(),
-                          here, {name: p.radius for name, p in params.items()}, gradients, seed=t)
+            moved = drift(
+                lambda shifted: _Oracle(net.with_parameters(shifted)).parameter_gradients(),
+                here,
+                {name: p.radius for name, p in params.items()},
+                gradients,
+                seed=t,
+            )
         directions = {}
         for name, (grad, error) in gradients.items():
             g = Bounded.uncertain(grad, error if moved is None else error + moved[name], symbol=t)
             directions[name] = update(params[name], g, state[name], t, case.hyper)
         total = {name: total[name] + d if name in total else d for name, d in directions.items()}
         params = {name: Bounded(initial[name]) - lr * total[name] for name in initial}
-        history.append(StepRecord(float(oracle.loss), {name: to_float64(-lr * d.x) for name, d in directions.items()},
-                                  {name: {k: to_float64(v.x) for k, v in kept.items()} for name, kept in state.items()}))
+        history.append(
+            StepRecord(
+                float(oracle.loss),
+                {name: to_float64(-lr * d.x) for name, d in directions.items()},
+                {name: {k: to_float64(v.x) for k, v in kept.items()} for name, kept in state.items()},
+            )
+        )
     deltas = {name: to_float64(-lr * d.x) for name, d in total.items()}
     uncertainty = {name: case.lr * (to_float64(d.radius) + FLOAT64 * np.abs(to_float64(d.x))) for name, d in total.items()}
+    if first is None:
+        raise ValueError(f"a case runs at least one step; found steps={case.steps}")
     return {"deltas": deltas, "uncertainty": uncertainty}, history, *first
 
 

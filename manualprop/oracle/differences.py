@@ -34,7 +34,7 @@ ROUNDING = gmpy2.mpfr(2) ** -120
 FLOAT64 = 2.0**-52
 
 
-def central_bound(loss: Callable[[object], object], x: object, base: object) -> tuple[object, object]:
+def central_bound(loss: Callable[[gmpy2.mpfr], gmpy2.mpfr], x: gmpy2.mpfr, base: gmpy2.mpfr) -> tuple[gmpy2.mpfr, gmpy2.mpfr]:
     """dL/dx at ``x`` by a central difference, and its uncertainty in MPFR (the bend and the
     rounding of the evaluations, without rounding to float64); ``base`` is L(x)."""
     h = STEP * (1 + abs(x))
@@ -45,7 +45,7 @@ def central_bound(loss: Callable[[object], object], x: object, base: object) -> 
     return slope, bend + rounding
 
 
-def central(loss: Callable[[object], object], x: object, base: object) -> tuple[object, float]:
+def central(loss: Callable[[gmpy2.mpfr], gmpy2.mpfr], x: gmpy2.mpfr, base: gmpy2.mpfr) -> tuple[gmpy2.mpfr, float]:
     """dL/dx at ``x`` by a central difference, and its uncertainty as a float64 value is stated."""
     slope, error = central_bound(loss, x, base)
     return slope, float(error) + FLOAT64 * abs(float(slope))
@@ -56,7 +56,7 @@ def stated(grad: np.ndarray, error: np.ndarray) -> np.ndarray:
     return to_float64(error) + FLOAT64 * np.abs(to_float64(grad))
 
 
-def gradient(values: np.ndarray, loss_at: Callable[[tuple], object], base: object) -> tuple[np.ndarray, np.ndarray]:
+def gradient(values: np.ndarray, loss_at: Callable[[tuple], gmpy2.mpfr], base: gmpy2.mpfr) -> tuple[np.ndarray, np.ndarray]:
     """dL/d(values) element by element: ``loss_at(index)`` is L with ``values`` as they stand,
     their element ``index`` moved.
 
@@ -81,9 +81,13 @@ PROBE = 2.0**-30  # how far a probe moves the widest-bounded parameter, relative
 SPREAD = 2  # the safety factor on the probes' largest change, before sqrt(n_eff)
 
 
-def drift(gradient_at: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]],
-          params: dict[str, np.ndarray], radius: dict[str, np.ndarray],
-          here: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[str, np.ndarray]:
+def drift(
+    gradient_at: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]],
+    params: dict[str, np.ndarray],
+    radius: dict[str, np.ndarray],
+    here: dict[str, tuple[np.ndarray, np.ndarray]],
+    seed: int,
+) -> dict[str, np.ndarray]:
     """How far dL/dp may move when the parameters move anywhere within ``radius`` of ``params``.
 
     ``gradient_at(params)`` gives (gradient, uncertainty) per parameter, ``here`` is its value at
@@ -109,7 +113,9 @@ def drift(gradient_at: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndar
     change = {name: 0 * r for name, r in radius.items()}
     noise = dict(change)
     for random_signs in (False, True):
-        signs = {name: rng.choice([-1, 1], size=r.shape) if random_signs else np.ones(r.shape, dtype=int) for name, r in radius.items()}
+        signs = {
+            name: rng.choice([-1, 1], size=r.shape) if random_signs else np.ones(r.shape, dtype=int) for name, r in radius.items()
+        }
         moved = gradient_at({name: params[name] + scale * signs[name] * radius[name] for name in radius})
         for name, (grad, error) in here.items():
             other, other_error = moved[name]

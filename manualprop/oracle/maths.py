@@ -99,13 +99,18 @@ class Network:
 
     @classmethod
     def of(cls, case) -> Network:
-        layers = [Dense(exact(l.kernel), None if l.bias is None else exact(l.bias), l.activation, l.alpha) for l in case.layers]
+        layers = [
+            Dense(exact(layer.kernel), None if layer.bias is None else exact(layer.bias), layer.activation, layer.alpha)
+            for layer in case.layers
+        ]
         return cls(layers, exact(case.inputs), exact(case.targets), case.loss, case.reduction, case.scale)
 
     def with_parameters(self, params: dict[str, np.ndarray]) -> Network:
         """The same network with other parameter values in MPFR, by name (kernels (in, out))."""
-        layers = [replace(layer, W=params[f"layers.{i}.kernel"], b=params.get(f"layers.{i}.bias", layer.b))
-                  for i, layer in enumerate(self.layers)]
+        layers = [
+            replace(layer, W=params[f"layers.{i}.kernel"], b=params.get(f"layers.{i}.bias", layer.b))
+            for i, layer in enumerate(self.layers)
+        ]
         return replace(self, layers=layers)
 
     def factor(self) -> gmpy2.mpfr:

@@ -212,8 +212,12 @@ class Bounded:
         lower, upper = other.lower, other.upper
         inverse, slope, curve = _INVERSE(other.x, lower, upper)
         terms = self._linear(other, inverse, self.x * slope)
-        rest = (np.abs(inverse) * self.rest + np.abs(self.x * slope) * other.rest
-                + self.spread * np.abs(slope) * other.spread + (np.abs(self.x) + self.spread) * curve)
+        rest = (
+            np.abs(inverse) * self.rest
+            + np.abs(self.x * slope) * other.rest
+            + self.spread * np.abs(slope) * other.spread
+            + (np.abs(self.x) + self.spread) * curve
+        )
         ends = _PRODUCT_ENDS(self.lower, self.upper, *_RECIPROCAL_ENDS(lower, upper))
         return self._made(self.x / other.x, terms, rest, ends)
 
@@ -237,8 +241,10 @@ class Bounded:
         ends = (np.maximum(self.lower, other.lower), np.maximum(self.upper, other.upper))
         tangled = np.maximum(np.maximum(x - ends[0], ends[1] - x), _zeros(x))
         zero = _zeros(x)
-        terms = {k: np.where(mine, self.terms.get(k, zero), np.where(theirs, other.terms.get(k, zero), zero))
-                 for k in set(self.terms) | set(other.terms)}
+        terms = {
+            k: np.where(mine, self.terms.get(k, zero), np.where(theirs, other.terms.get(k, zero), zero))
+            for k in set(self.terms) | set(other.terms)
+        }
         rest = np.where(mine, self.rest, np.where(theirs, other.rest, tangled))
         return self._made(x, terms, rest, ends)
 
@@ -314,7 +320,7 @@ def rmsprop(p: Bounded, g: Bounded, state: State, t: int, hp: Hyper) -> Bounded:
     if hp["centered"]:
         state["a"] = rho * state.get("a", _start(g)) + (1 - rho) * g
         mean_square = mean_square - state["a"].square()
-    q = (g / (mean_square.sqrt() + mpfr(hp["epsilon"]))).within(_rmsprop_limit(rho.x, t, hp["centered"]))
+    q = (g / (mean_square.sqrt() + mpfr(hp["epsilon"]))).within(_rmsprop_limit(rho.x, t, bool(hp["centered"])))
     if not hp["momentum"]:
         return q
     state["b"] = mpfr(hp["momentum"]) * state.get("b", _start(g)) + q
