@@ -272,7 +272,7 @@ def _update(case: Case) -> list[Quantity]:
                 f"{title}: delta" + after,
                 f"delta = -lr * dL/dp (lr {case.lr:g})"
                 if plain
-                else f"delta = p after minus p before (lr {case.lr:g}, {_settings(case)})",
+                else f"delta = p after minus p before (lr {case.lr:g}, {settings_text(case)})",
                 "update",
                 "the update p <- p - lr * dL/dp" if plain else f"the {optimizer.name} update",
                 expected=golden.deltas.get(name) if golden is not None else None,
@@ -282,7 +282,8 @@ def _update(case: Case) -> list[Quantity]:
     return out
 
 
-def _settings(case: Case) -> str:
+def settings_text(case: Case) -> str:
+    """The optimizer and its settings in words: ``adam, beta1 0.9, ..., amsgrad false``."""
     return ", ".join(
         [case.optimizer, *(f"{k} {v:g}" if not isinstance(v, bool) else f"{k} {str(v).lower()}" for k, v in case.hyper.items())]
     )
@@ -350,7 +351,7 @@ def _step_update(case: Case, optimizer: concepts.Optimizer) -> list[Quantity]:
             Quantity(
                 Step("delta", None, name),
                 f"{title}: this step's change",
-                f"{optimizer.formula} (lr {case.lr:g}, {_settings(case)})",
+                f"{optimizer.formula} (lr {case.lr:g}, {settings_text(case)})",
                 "update",
                 f"the {optimizer.name} update",
                 present=present,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import engines
+from . import computation, engines
 from .computation import Step, walk
 from .harness import CaseResult
 from .outcomes import Status
@@ -62,6 +62,19 @@ def _array_text(a: np.ndarray | None, precision: int) -> str:
     return np.array2string(np.asarray(a), precision=precision, suppress_small=False, max_line_width=10_000, floatmode="fixed")
 
 
+def overview(result: CaseResult) -> list[str]:
+    """With several steps, or an optimizer with state: the optimizer's settings and each engine's
+    loss before every step, before the quantities one by one."""
+    case = result.loaded
+    if case.steps == 1 and computation.plain_sgd(case):
+        return []
+    lines = [f"optimizer: {computation.settings_text(case)}, {case.steps} step{'s' if case.steps > 1 else ''}"]
+    for name in result.ran:
+        losses = ", ".join(f"{loss:.9g}" for loss in result.runs[name].output.losses)
+        lines.append(f"loss before each step, {name}: {losses}")
+    return lines
+
+
 def render_terminal(result: CaseResult, precision: int = 8):
     """Rich renderables: per quantity a heading with its formula, then each engine's value on
     its own lines, aligned, so that the engines' numbers stand one under the other."""
@@ -73,6 +86,7 @@ def render_terminal(result: CaseResult, precision: int = 8):
         f"[bold]{escape(case.name)}[/bold] ({escape(case.path)}, {case.dtype.name}, lr {case.lr:g}): {', '.join(result.ran)}"
     ]
     parts += [f"[yellow]{escape(line)}[/yellow]" for line in not_run(result)]
+    parts += [escape(line) for line in overview(result)]
     if result.diagnosis is not None:
         parts.append(f"[red]diagnosis: {escape(result.diagnosis.sentence)}[/red]")
         parts += [f"[red]hint: {escape(h)}[/red]" for h in result.diagnosis.hints]
@@ -103,6 +117,8 @@ def render_markdown(result: CaseResult, precision: int = 8) -> str:
         lines += [case.description, ""]
     missing = not_run(result)
     lines += [f"- {line}" for line in missing] + ([""] if missing else [])
+    summary = overview(result)
+    lines += [f"- {line}" for line in summary] + ([""] if summary else [])
     if result.diagnosis is not None:
         lines += [f"**Diagnosis:** {result.diagnosis.sentence}", ""] + [f"- hint: {h}" for h in result.diagnosis.hints]
         lines += [""] if result.diagnosis.hints else []

@@ -104,3 +104,16 @@ def test_a_bad_case_file_exits_2(tmp_path, capsys):
     bad.write_text("lr: 0\n")
     assert cli.main(["explain", str(bad)]) == 2
     assert "bad.yaml:1: lr" in capsys.readouterr().out
+
+
+def test_explain_of_several_steps_begins_with_the_optimizer_and_the_loss_before_each_step(capsys):
+    from manualprop import cli
+
+    path = Path(__file__).resolve().parent.parent / "cases" / "optimizers" / "adam_float64.yaml"
+    assert cli.main(["explain", str(path), "--engines", "numpy,numeric"]) == 0
+    out = capsys.readouterr().out
+    head = out.split("step 1 of 3")[0]
+    assert "optimizer: adam, beta1 0.9, beta2 0.999, epsilon 1e-08, amsgrad false, 3 steps" in head
+    losses = [line for line in head.splitlines() if line.startswith("loss before each step, ")]
+    assert [line.split(",")[1].strip().rstrip(":").split(":")[0] for line in losses] == ["numpy", "numeric"]
+    assert all(len(line.split(": ")[1].split(", ")) == 3 for line in losses)  # one loss per step
