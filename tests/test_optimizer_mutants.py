@@ -9,10 +9,14 @@ ones SPEC section 7 writes), under its own names, computed by its own code.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from manualprop import concepts, optimizers
+from manualprop import concepts, harness, optimizers, parse_case
+from manualprop.engine import NumpyEngine
+from manualprop.outcomes import Status
 
 torch = pytest.importorskip("torch")
 
@@ -122,3 +126,41 @@ def test_zeros_keeps_a_conditional_state_only_when_its_hyperparameter_is_set(dty
         for v in state.values():
             assert v.shape == p.shape and v.dtype == p.dtype and not v.any()
             assert v is not p
+
+
+# A float32 step whose gradient is nonzero but whose square underflows to 0 (g = 2e-24, g^2 = 4e-48,
+# below float32's smallest number, 1.4e-45), with an epsilon that is 0 in float32 (1e-50): each
+# normalized update divides g by sqrt(0) + 0.
+UNDERFLOW = """
+dtype: float32
+loss: mse
+lr: 0.1
+optimizer: OPTIMIZER
+inputs: [[1.0e-12]]
+targets: [[0.0]]
+layers:
+  - {units: 1, kernel: [[1.0]], bias: false}
+"""
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "{name: adam, epsilon: 1.0e-50}",
+        "{name: rmsprop, rho: 0.9, epsilon: 1.0e-50}",
+        "{name: adagrad, initial_accumulator: 0.0, epsilon: 1.0e-50}",
+    ],
+)
+def test_a_division_by_zero_in_an_update_gives_inf_without_a_runtime_warning(optimizer):
+    """Kills engine.xǁNumpyEngineǁstep__mutmut_3 and __mutmut_6 (np.errstate without divide="ignore"),
+    equivalent while the step was one plain SGD step (nothing divided by zero), reachable since the
+    optimizers. The value is torch.optim's (-inf, as ``harness.run_engine(case, "torch")`` gives);
+    the harness reports it as NON-FINITE, and the engine must not also print NumPy's warning."""
+    case = parse_case(UNDERFLOW.replace("OPTIMIZER", optimizer), "underflow.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = NumpyEngine().step(case)
+    assert result.deltas["layers.0.kernel"].tolist() == [[-np.inf]]
+    theirs = harness.run_engine(case, "torch")
+    if theirs.status == Status.RAN:
+        assert theirs.result.deltas["layers.0.kernel"].tolist() == [[-np.inf]]
