@@ -26,20 +26,21 @@ import numpy as np
 
 from . import concepts
 from .case import Case
-from .engines import LayerTrace
+from .engines import LayerTrace, StepRecord
 from .optimizers import OPTIMIZERS
 
 
-def allowance(case: Case) -> dict[str, np.ndarray]:
+def allowance(case: Case, history: list[StepRecord] | None = None) -> dict[str, np.ndarray]:
     """Per parameter, how far the rounding of its gradients can move its delta (zeros for an
-    optimizer that is not normalized)."""
+    optimizer that is not normalized). ``history`` is the NumPy reference's run of the case, when
+    it ran already; else it is run here."""
     params = {name: p.astype(np.float64) for name, p in case.parameters().items()}
     if not concepts.OPTIMIZERS[case.optimizer].normalized:
         return {name: np.zeros_like(p) for name, p in params.items()}
     from .engine import NumpyEngine
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        history = NumpyEngine().step(case).history
+        history = history if history is not None else NumpyEngine().step(case).history
         rounding = 2 * (len(case.layers) + 1) * np.finfo(case.dtype).eps / 2  # c u
         update = OPTIMIZERS[case.optimizer]
         hyper = case.hyper

@@ -20,7 +20,7 @@ def test_rounding_that_adam_amplifies_is_not_a_mismatch():
 
 
 def test_without_the_allowance_the_same_case_is_a_false_alarm(monkeypatch):
-    zeros = lambda case: {n: np.zeros_like(p, dtype=np.float64) for n, p in case.parameters().items()}  # noqa: E731
+    zeros = lambda case, history=None: {n: np.zeros_like(p, dtype=np.float64) for n, p in case.parameters().items()}  # noqa: E731
     monkeypatch.setattr(conditioning, "allowance", zeros)
     result = harness.run_case(load_case(CANCELLING), ["numpy", "torch"])
     assert result.verdict == "fail"  # NumPy -2.1e-11, PyTorch 0 on a bias: the allowance is what tells them apart
