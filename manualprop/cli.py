@@ -111,12 +111,10 @@ def parser() -> argparse.ArgumentParser:
     )
     fz.add_argument("--engines", type=_engine_list, metavar="A,B", help="engines to run (default: every installed one)")
     fz.add_argument(
-        "--optimizers",
-        action="store_true",
-        help=(
-            "draw the optimizer, its hyperparameters and 1 to 5 steps too (not yet free of false alarms where an update "
-            "normalized by sqrt(v) meets a gradient that cancels to zero: see the README)"
-        ),
+        "--plain-sgd",
+        dest="optimizers",
+        action="store_false",
+        help="one plain SGD step per case (by default each case draws its optimizer, hyperparameters and 1 to 5 steps)",
     )
     fz.add_argument(
         "--architectures",

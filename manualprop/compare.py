@@ -102,7 +102,7 @@ def compare(
         diff = np.where(finite, np.abs(a - b), np.inf)
         rel = np.where(diff == 0, 0.0, diff / magnitude)
         ratio = np.where(diff == 0, 0.0, diff / allowed)
-    bad = ~(diff <= allowed)
+    bad = ~finite | ~(diff <= allowed)  # a NaN or an infinity is never within a tolerance, even an unbounded allowance
     if a.size == 0:
         return Comparison(**base, max_abs_diff=0.0, max_rel_diff=0.0, ok=True)
     worst = np.unravel_index(int(np.argmax(ratio)), a.shape) if a.ndim else ()

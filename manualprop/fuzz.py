@@ -373,17 +373,17 @@ def fuzz(
     engines: Iterable[str] | None = None,
     progress: Callable[[Summary], None] | None = None,
     architectures: int | None = None,
-    optimizers: bool = False,
+    optimizers: bool = True,
 ) -> Summary:
     """Run ``n`` random cases; write each distinct finding, minimised, to ``out``.
 
     Every case has an architecture of its own, unless ``architectures`` asks for a pool of that
     many: Keras then reuses its compiled models (a new architecture costs it a model build and a
     traced step, 0.1 to 0.3 s), and shrinking goes to the simplest architecture of the pool.
-    ``optimizers`` draws the optimizer, its hyperparameters and 1 to MAX_STEPS steps too; off by
-    default, as the tolerance does not yet account for an update normalized by sqrt(v) (Adam,
-    RMSprop, Adagrad) turning the rounding of a gradient that cancels to zero into a delta of
-    order lr * u / epsilon: such a case is a false alarm, not a finding."""
+    ``optimizers`` draws the optimizer, its hyperparameters and 1 to MAX_STEPS steps too (off:
+    one plain SGD step, the fuzzer before the optimizers). A gradient that is nearly nothing can
+    then meet an update normalized by sqrt(v), or several steps: the comparison allows what its
+    rounding can move (:mod:`manualprop.conditioning`), so that is not a finding."""
     choices = pool(architectures, seed, optimizers) if architectures else None
     names = list(engines) if engines else [e for e in registry.default_names() if registry.get(e).unavailable() is None]
     summary = Summary()
@@ -424,7 +424,7 @@ def fuzz(
             result = run_case(parse_case(text, where, known_engines=runner.known), names)
             return result.diagnosis.sentence if result.diagnosis else "the engines disagree"
 
-        flags = (f" --architectures {architectures}" if architectures else "") + (" --optimizers" if optimizers else "")
+        flags = (f" --architectures {architectures}" if architectures else "") + ("" if optimizers else " --plain-sgd")
         header = [
             f"Found by: manualprop fuzz --n {n} --seed {seed}{flags} --engines {','.join(names)}",
             "Shrunk by Hypothesis (fewest layers, smallest widths and batch), numbers rounded while it still failed.",

@@ -72,8 +72,12 @@ def reduce(terms: Array, reduction: str, scale: float) -> Array:
     return total * terms.dtype.type(scale)
 
 
+def factor(loss: Loss, y: Array, reduction: str, scale: float) -> float:
+    """What the reduction multiplies the terms' gradient by: scale, over N for a mean."""
+    terms_count = y.shape[0] if loss.on_logits else y.size
+    return scale / (terms_count if reduction == "mean" else 1)
+
+
 def gradient(loss: Loss, y: Array, t: Array, reduction: str, scale: float) -> Array:
     """dL/dy for L = reduce(terms(y, t)): the terms' gradient times scale, over N for a mean."""
-    terms_count = y.shape[0] if loss.on_logits else y.size
-    count = terms_count if reduction == "mean" else 1
-    return loss.grad(y, t) * y.dtype.type(scale / count)
+    return loss.grad(y, t) * y.dtype.type(factor(loss, y, reduction, scale))

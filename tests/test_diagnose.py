@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from manualprop import cli, engines, harness, parse_case
@@ -180,10 +181,15 @@ def test_pytest_reports_known_differences_as_xfail_and_vanished_ones_as_failures
 REGRESSION = Path(__file__).resolve().parent.parent / "cases" / "regressions" / "float32_tanh_saturation.yaml"
 
 
-def test_float32_rounding_that_the_oracle_explains_is_not_a_mismatch():
-    from manualprop import load_case
+def test_float32_rounding_that_the_oracle_explains_is_not_a_mismatch(monkeypatch):
+    """Two guards excuse this rounding: the allowance of manualprop.conditioning (the engines then
+    agree outright), and, without it, the oracle finding each engine within the tolerance."""
+    from manualprop import conditioning, load_case
 
     case = load_case(REGRESSION)
+    assert harness.run_case(case, ["numpy", "numeric", *FRAMEWORKS]).verdict == "pass"
+    none = {n: np.zeros_like(p, dtype=np.float64) for n, p in case.parameters().items()} | {"loss": np.zeros(())}
+    monkeypatch.setattr(conditioning, "allowance", lambda case, history=None: none)
     result = harness.run_case(case, ["numpy", "numeric", *FRAMEWORKS])
     apart = [c for c in result.comparisons if not c.ok]
     assert apart and all(harness.is_rounding(c) for c in apart)  # apart by more than the tolerance ...
