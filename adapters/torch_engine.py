@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from manualprop.case import Case
+from manualprop import Case
 from manualprop.concepts import LOSSES
 from manualprop.engines import BuildCache, LayerTrace, StepRecord, StepResult
 
