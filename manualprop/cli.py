@@ -477,6 +477,14 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
                 f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
                 f"within it of the float64 oracle ({near}): rounding in an ill-conditioned step, not a mismatch[/yellow]"
             )
+    for c in result.comparisons:
+        if c.ok and "excused" in c.extra:
+            excused = c.extra["excused"]
+            parts.append(
+                f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are up to {excused['beyond_tolerance']:.3g}x the "
+                f"tolerance apart on {excused['elements']} of {c.total} values, within what rounding can move there "
+                f"(manualprop/conditioning.py): not compared closer than that[/yellow]"
+            )
     for names, comparisons in harness.golden_groups(result):
         parts.append(f"[red]{escape(_indent(harness.golden_block(names, comparisons)))}[/red]")
     if result.diagnosis is not None and result.diagnosis.quantity != "crash":  # a crash is printed above

@@ -4,6 +4,7 @@ the allowance of manualprop.conditioning covers it, stays negligible elsewhere, 
 nothing that was computed exactly."""
 
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -105,3 +106,61 @@ def test_the_allowance_is_negligible_where_keras_differs(name):
     for param, initial in case.parameters().items():
         assert np.all(allowed[param] < 0.1 * tolerated(case.rtol, case.atol, 0.0, initial))  # a tenth of the tolerance at most
         assert apart[param] <= tolerated(case.rtol, case.atol, 0.0, initial).max()  # NumPy and PyTorch agree without it
+
+
+def _with_steps(path: Path, steps: int):
+    from manualprop import parse_case
+
+    text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("steps:"))
+    return parse_case(f"{text}\nsteps: {steps}\n", str(path))
+
+
+def test_exact_parameters_stay_exact_over_the_steps():
+    """A ReLU exactly at its kink stays there over three exact SGD steps (dyadic numbers, lr
+    0.25): the parameters an engine holds after a step are exact too, so nothing is excused."""
+    case = _with_steps(CASES / "activations" / "relu_zero_preactivation.yaml", 3)
+    allowed = conditioning.allowance(case)
+    assert all(np.all(allowed[n] < 0.01 * tolerated(case.rtol, case.atol, 0.0, p)) for n, p in case.parameters().items())
+
+
+def test_a_gradient_that_is_exactly_zero_in_any_order_gets_no_allowance():
+    """MAE over four samples, two signs each way: the output bias's gradient is +-1/4 summed, 0 in
+    whatever order an engine adds it, so RMSprop's lr / epsilon slope there excuses nothing."""
+    case = load_case(CASES / "optimizers" / "rmsprop_centered_float32.yaml")
+    assert not conditioning.allowance(case)["layers.2.bias"].any()
+
+
+def test_what_only_the_allowance_excuses_is_said(capsys):
+    from manualprop import cli
+
+    case = CASES / "regressions" / "adam_mae_sign_rounded_away_float32.yaml"
+    assert cli.main(["run", str(case), "--engines", "numpy,torch"]) == 0
+    out = capsys.readouterr().out
+    assert "within what rounding can move there" in out and "not compared closer than that" in out
+    excused = [c for c in harness.run_case(load_case(case), ["numpy", "torch"]).comparisons if "excused" in c.extra]
+    assert excused and all(c.ok and c.extra["excused"]["beyond_tolerance"] > 1 for c in excused)
+    assert "excused" in excused[0].to_json()
+
+
+def test_an_engine_whose_slip_widens_its_own_estimate_is_held_to_the_other_one():
+    """The allowance of a pair is the smaller of the two engines' own estimates: a student's tanh'
+    = 1 - a (its trace, its gradients) on the saturated case still fails against PyTorch."""
+    from manualprop import activations, engines
+    from manualprop.engine import NumpyEngine
+
+    tanh = activations.ACTIVATIONS["tanh"]
+    slipped = MappingProxyType(
+        {**activations.ACTIVATIONS, "tanh": activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a)}
+    )
+
+    class Student(NumpyEngine):
+        name = "student"
+        activations = slipped
+
+    engines.register("student", Student)
+    try:
+        case = load_case(CASES / "regressions" / "sgd_tanh_saturated_float32_three_steps.yaml")
+        result = harness.run_case(case, ["student", "torch"])
+    finally:
+        engines.unregister("student")
+    assert result.verdict == "fail"
