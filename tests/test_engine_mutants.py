@@ -16,6 +16,7 @@ from manualprop import activations, engines, losses, parse_case
 from manualprop.activations import Activation
 from manualprop.engine import NumpyEngine
 from manualprop.losses import Loss
+from manualprop.optimizers import Optimizer
 
 from finite_differences import gradient
 
@@ -60,6 +61,52 @@ layers:
     assert result.trace[0].A.tolist() == [[6.0]]
     np.testing.assert_allclose(result.deltas["layers.0.kernel"], [[-6.0]], rtol=1e-12)
     np.testing.assert_allclose(result.deltas["layers.0.bias"], [-3.0], rtol=1e-12)
+
+
+class CountingSgd(NumpyEngine):
+    """A variant engine whose "sgd" scales step t's update by a state n that counts the steps:
+    p <- p - lr * n * g, n = 1, 2, ... It uses none of manualprop.optimizers' functions, so that
+    only the engine is tested."""
+
+    name = "variant"
+
+    @staticmethod
+    def _update(p, g, state, t, lr, hp):
+        state["n"] = state["n"] + 1
+        return p - lr * state["n"] * g
+
+    optimizers: Mapping[str, Optimizer] = {"sgd": Optimizer(lambda p, hp: {"n": np.zeros_like(p)}, _update)}
+
+
+def test_a_variant_engine_runs_its_own_optimizer_worked_example():
+    """Kills engine.xǁNumpyEngineǁstep__mutmut_20 (run_steps(case, ...) without self.optimizers:
+    the shipped SGD instead of a subclass's).
+
+    By hand, L = (w x + b - t)^2 with x = 2, t = 1, w = 1, b = 0, lr = 0.01:
+    step 1: z = 2, L = 1, dL/dz = 2 (2 - 1) = 2, dW = x dz = 4, db = 2; n = 1:
+    w = 1 - 0.01 * 4 = 0.96, b = 0 - 0.01 * 2 = -0.02.
+    step 2: z = 1.92 - 0.02 = 1.9, L = 0.81, dz = 1.8, dW = 3.6, db = 1.8; n = 2:
+    w = 0.96 - 0.01 * 2 * 3.6 = 0.888, b = -0.02 - 0.01 * 2 * 1.8 = -0.056.
+    Deltas: kernel -0.112, bias -0.056. (The shipped SGD gives -0.076 and -0.038.)
+    """
+    case = parse_case(
+        """
+dtype: float64
+loss: mse
+lr: 0.01
+steps: 2
+inputs: [[2]]
+targets: [[1]]
+layers:
+  - {units: 1, kernel: [[1]], bias: [0]}
+""",
+        "variant_optimizer.yaml",
+    )
+    result = CountingSgd().step(case)
+    np.testing.assert_allclose(result.losses, [1.0, 0.81], rtol=1e-12)
+    np.testing.assert_allclose(result.deltas["layers.0.kernel"], [[-0.112]], rtol=1e-12)
+    np.testing.assert_allclose(result.deltas["layers.0.bias"], [-0.056], rtol=1e-12)
+    assert [record.state["layers.0.kernel"]["n"].tolist() for record in result.history] == [[[1.0]], [[2.0]]]
 
 
 # -- a layer without bias has no bias gradient anywhere -------------------------------------------
