@@ -24,7 +24,7 @@ Conventions pinned here:
   bias instead, and the loss reported is the case's loss without it. Keras 2's Adam keeps
   ``adaptive_epsilon=False``, its default and Keras 3's behaviour (see :func:`_adam`). What no setting
   removes is pinned by a canary in cases/canaries/ and named by a hint
-  (:mod:`manualprop.hints`, with the formulas of :mod:`manualprop.variants`): Keras 3's Adam and
+  (:mod:`manualprop.verdict.hints`, with the formulas of :mod:`manualprop.reference.variants`): Keras 3's Adam and
   AdamW put epsilon on the uncorrected v, RMSprop and Adagrad put it inside the square root.
   The state is reported in the SPEC's names and meaning (:data:`STATE`): Keras's SGD keeps
   ``-lr * b`` and its RMSprop ``lr * b``, the same steps for a constant learning rate.

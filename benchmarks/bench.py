@@ -50,7 +50,7 @@ def installed(name: str) -> bool:
 
 def suite_figures(rows: list, quick: bool) -> None:
     from manualprop import engines, harness
-    from manualprop.case import load_case
+    from manualprop.casefile.case import load_case
 
     with tempfile.TemporaryDirectory() as where:
         cold = run_command([sys.executable, "-m", "manualprop.cli", "run", "-q"], cwd=Path(where))
@@ -108,7 +108,7 @@ def bare_keras(case):
 
 def engine_figures(rows: list, quick: bool) -> None:
     from manualprop import engines, harness
-    from manualprop.case import load_case
+    from manualprop.casefile.case import load_case
 
     cases = [load_case(p, engines.names()) for p in harness.find_cases([harness.bundled_cases()])]
     cases = [c for c in cases if not c.known_differences]
@@ -340,7 +340,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from manualprop.fingerprint import environment
+    from manualprop.reports.fingerprint import environment
 
     env = environment()
     table = Table(

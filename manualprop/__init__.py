@@ -1,8 +1,8 @@
 """manualprop: one SGD step of a dense network, cross-verified between NumPy, PyTorch and Keras."""
 
-from .case import Case, Layer, load_case, parse_case
+from .casefile.case import Case, Layer, load_case, parse_case
+from .casefile.errors import CaseError
 from .engines import Engine, LayerTrace, StepResult
-from .errors import CaseError
 
 __version__ = "0.1.0"
 

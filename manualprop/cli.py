@@ -20,11 +20,12 @@ from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, engines, harness, report
-from .compare import Comparison
-from .diagnose import Diagnosis
-from .harness import CaseResult
-from .outcomes import Status, Verdict
+from . import __version__, engines, harness
+from .reports import report
+from .verdict.compare import Comparison
+from .verdict.diagnose import Diagnosis
+from .verdict.outcomes import Status, Verdict
+from .verdict.results import CaseResult, failed, is_known, is_rounding
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INVALID, EXIT_NOTHING_COMPARED = 0, 1, 2, 5  # 5: as pytest's "no tests ran"
 EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a program ended by SIGPIPE
@@ -219,9 +220,9 @@ def _explain(args: argparse.Namespace) -> int:
         from .watch import watch_explain
 
         return watch_explain(args, _explain)
-    from . import explain
-    from .case import load_case
-    from .errors import CaseError
+    from .casefile.case import load_case
+    from .casefile.errors import CaseError
+    from .verdict import explain
 
     out = Terminal(highlight=False, soft_wrap=True)
     try:
@@ -252,7 +253,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import compat
+    from .reports import compat
 
     err = Terminal(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -291,7 +292,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from .schema import json_schema
+    from .casefile.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.output:
@@ -469,9 +470,9 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
         status = "[green]hold[/green]" if not bad else f"[red]{len(bad)} of {len(result.expected)} fail[/red]"
         parts.append(f"  golden values in {checked}: {status}")
     for c in result.comparisons:
-        if harness.failed(c):
+        if failed(c):
             parts.append(f"[red]{escape(_indent(c.message))}[/red]")
-        elif harness.is_rounding(c):
+        elif is_rounding(c):
             near = ", ".join(f"{n} {r:.0%}" for n, r in c.extra["rounding"].items())
             parts.append(
                 f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are {c.worst_ratio:.3g}x the tolerance apart, but each is "
@@ -509,9 +510,9 @@ def _diagnosis_lines(d: Diagnosis) -> list[str]:
 def _cell(c: Comparison | None) -> str:
     if c is None:
         return ""
-    if not c.ok and harness.is_known(c):
+    if not c.ok and is_known(c):
         return f"[yellow]{c.max_abs_diff:.1e} known[/yellow]"
-    if harness.is_rounding(c):
+    if is_rounding(c):
         return f"[yellow]{c.max_abs_diff:.1e} ~[/yellow]"
     return f"{c.max_abs_diff:.1e}" if c.ok else f"[red]{c.max_abs_diff:.1e}[/red]"
 

@@ -4,7 +4,7 @@ defaults, and what the other modules need to know of it.
 The schema (the names a case file may use), case loading (required parameters, where a concept
 may stand), the fuzzer (what it draws), ``explain`` and the hints read these declarations; they
 never list names. The maths lives beside its engine, keyed by the same name: the NumPy reference
-in :mod:`manualprop.activations` and :mod:`manualprop.losses`, the oracle's in
+in :mod:`manualprop.reference.activations` and :mod:`manualprop.reference.losses`, the oracle's in
 :mod:`manualprop.oracle.maths`, PyTorch's modules and Keras's objects in their adapters. A test
 (tests/test_concepts.py) walks every declaration and every built-in engine, so an engine that
 forgets one fails it.
@@ -129,7 +129,7 @@ class Optimizer:
     params: tuple[Param, ...] = ()
     state: tuple[str, ...] = ()  # the per-parameter state explain shows, in the formula's names
     state_when: dict[str, str] = field(default_factory=dict)  # a state kept only when this hyperparameter is set
-    normalized: bool = False  # the step divides by the gradient's own magnitude (manualprop.conditioning)
+    normalized: bool = False  # the step divides by the gradient's own magnitude (manualprop.verdict.conditioning)
 
     def active_state(self, hyper: dict[str, float | bool]) -> list[str]:
         """The state this configuration keeps (Adam's vmax only with amsgrad, a buffer only with momentum)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .case import Case
+    from .casefile.case import Case
 
 GROUP = "manualprop.engines"
 
@@ -153,7 +153,7 @@ class Engine(Protocol):
 
 
 BUILTIN: dict[str, str] = {
-    "numpy": "manualprop.engine:NumpyEngine",
+    "numpy": "manualprop.reference.engine:NumpyEngine",
     "torch": "manualprop.adapters.torch_engine:TorchEngine",
     "keras": "manualprop.adapters.keras_engine:KerasEngine",
     "numeric": "manualprop.oracle:NumericEngine",

@@ -28,12 +28,14 @@ import yaml
 from hypothesis import HealthCheck, Phase, find, settings, strategies as st
 from hypothesis.errors import HypothesisWarning, NoSuchExample
 
-from . import engines as registry, variants
-from .case import case_from_data, parse_case
+from . import engines as registry
+from .casefile.case import case_from_data, parse_case
+from .casefile.errors import CaseError
 from .concepts import ACTIVATIONS, LOSSES, OPTIMIZERS
-from .errors import CaseError
-from .harness import CaseResult, failed, run_case
-from .outcomes import Status
+from .harness import run_case
+from .reference import variants
+from .verdict.outcomes import Status
+from .verdict.results import CaseResult, failed
 
 # What is drawn comes from the declarations (manualprop.concepts), in their order: simplest first,
 # as Hypothesis shrinks towards the front.
@@ -166,7 +168,7 @@ def with_known_conventions(data: dict) -> dict:
     not findings. Coarse on purpose: a float32 case with a tanh layer excuses Keras whether or not
     a unit saturates; the canaries pin each convention exactly."""
     optimizer = data.get("optimizer")
-    if optimizer is not None:  # Keras's own update formulas where no setting gives the SPEC's (manualprop.variants)
+    if optimizer is not None:  # Keras's own update formulas where no setting gives the SPEC's (manualprop.reference.variants)
         hyper = OPTIMIZERS[optimizer["name"]].settings(optimizer)
         pinned = [
             v
@@ -383,7 +385,7 @@ def fuzz(
     ``optimizers`` draws the optimizer, its hyperparameters and 1 to MAX_STEPS steps too (off:
     one plain SGD step, the fuzzer before the optimizers). A gradient that is nearly nothing can
     then meet an update normalized by sqrt(v), or several steps: the comparison allows what its
-    rounding can move (:mod:`manualprop.conditioning`), so that is not a finding."""
+    rounding can move (:mod:`manualprop.verdict.conditioning`), so that is not a finding."""
     choices = pool(architectures, seed, optimizers) if architectures else None
     names = list(engines) if engines else [e for e in registry.default_names() if registry.get(e).unavailable() is None]
     summary = Summary()

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 from . import engines, harness
-from .case import Case, load_case
-from .compare import Comparison
-from .errors import CaseError
-from .outcomes import Status
+from .casefile.case import Case, load_case
+from .casefile.errors import CaseError
+from .verdict.compare import Comparison
+from .verdict.outcomes import Status
+from .verdict.results import CaseResult, EngineRun, failed, is_known
 
 DEFAULT_FILES = "*.case.yaml *.case.yml"
 _RESULTS = pytest.StashKey[dict]()  # case path -> CaseResult, per process (per pytest-xdist worker)
@@ -73,7 +74,7 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path):
     return None
 
 
-def case_result(config: pytest.Config, case: Case) -> harness.CaseResult:
+def case_result(config: pytest.Config, case: Case) -> CaseResult:
     """The case run once in this process, shared by its items."""
     results = config.stash[_RESULTS]
     if case.path not in results:
@@ -84,7 +85,7 @@ def case_result(config: pytest.Config, case: Case) -> harness.CaseResult:
     return results[case.path]
 
 
-def _write_deltas(folder: Path, result: harness.CaseResult) -> None:
+def _write_deltas(folder: Path, result: CaseResult) -> None:
     for name, run in result.runs.items():
         if run.status == Status.RAN and name != engines.ORACLE:
             folder.mkdir(parents=True, exist_ok=True)
@@ -134,24 +135,24 @@ class _CaseItem(pytest.Item):
         line = (self.case.lines.get(()) or 1) - 1 if self.case else 0
         return self.path, line, self.name
 
-    def result(self) -> harness.CaseResult:
+    def result(self) -> CaseResult:
         return case_result(self.config, self.loaded)
 
     def header(self, what: str) -> str:
         case = self.loaded
         return f"case {case.name} ({case.path}, {case.dtype.name}): {what}"
 
-    def known(self, result: harness.CaseResult, comparisons: list[Comparison]) -> None:
+    def known(self, result: CaseResult, comparisons: list[Comparison]) -> None:
         """A declared known difference is an xfail when it shows, and a failure when it vanished
         (strict, like pytest's xfail; the harness decides which, as for ``manualprop run``)."""
         vanished = [note for name, note in result.vanished.items() if name in self.engines]
         if vanished:
             raise CaseFailure(self.header("\n".join(vanished)))
-        if any(harness.is_known(c) for c in comparisons) and not any(harness.failed(c) for c in comparisons):
+        if any(is_known(c) for c in comparisons) and not any(failed(c) for c in comparisons):
             known = {n: r for n, r in self.loaded.known_differences.items() if n in self.engines}
             pytest.xfail("known difference: " + "; ".join(f"{n}: {r}" for n, r in known.items()))
 
-    def diagnosis(self, result: harness.CaseResult) -> list[str]:
+    def diagnosis(self, result: CaseResult) -> list[str]:
         """The case's diagnosis: the first divergence and who is blamed, or where golden values went wrong."""
         found = result.diagnosis
         if found is None or found.quantity == "crash":
@@ -167,7 +168,7 @@ class _CaseItem(pytest.Item):
         return lines + [f"hint: {h}" for h in found.hints]
 
 
-def _needed(run: harness.EngineRun) -> None:
+def _needed(run: EngineRun) -> None:
     if run.status == Status.SKIPPED:
         pytest.skip(f"{run.engine}: {run.reason}")
     if run.status == Status.ERROR:
@@ -183,7 +184,7 @@ class PairItem(_CaseItem):
             _needed(result.runs[name])
         comparisons = [c for c in result.comparisons if {c.a, c.b} == set(self.engines)]
         self.known(result, comparisons)
-        bad = [c for c in comparisons if harness.failed(c)]
+        bad = [c for c in comparisons if failed(c)]
         if bad:
             what = f"{len(bad)} of {len(comparisons)} comparisons fail"
             raise CaseFailure("\n".join([self.header(what), *(c.message for c in bad), *self.diagnosis(result)]))

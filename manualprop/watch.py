@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from .case import display_path
+from .casefile.case import display_path
 from .cli import EXIT_INVALID, EXIT_OK, Terminal
 from .harness import CASE_SUFFIXES, bundled_case, bundled_cases
 

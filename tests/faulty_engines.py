@@ -10,11 +10,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from manualprop import activations, losses
-from manualprop.activations import Activation
-from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
-from manualprop.losses import Loss
+from manualprop.reference import activations, losses
+from manualprop.reference.activations import Activation
+from manualprop.reference.engine import NumpyEngine
+from manualprop.reference.losses import Loss
 
 
 class WrongTanhDerivative(NumpyEngine):

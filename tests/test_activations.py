@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from manualprop import activations
+from manualprop.reference import activations
 
 from finite_differences import gradient
 

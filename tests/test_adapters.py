@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from manualprop import harness, parse_case
-from manualprop.engine import NumpyEngine
+from manualprop.reference.engine import NumpyEngine
 
 FRAMEWORKS = [
     pytest.param(n, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} is not installed"))

@@ -12,9 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from manualprop import activations, cli, engines, harness, parse_case
-from manualprop.engine import NumpyEngine
+from manualprop import cli, engines, harness, parse_case
 from manualprop.engines import StepResult
+from manualprop.reference import activations
+from manualprop.reference.engine import NumpyEngine
 
 from test_golden import CASE as CASE_FOR_GOLDEN_VALUES
 
@@ -135,7 +136,7 @@ class WrongBackpropWeights(NumpyEngine):
     def step(self, case):
         import dataclasses
 
-        from manualprop import engine as reference
+        from manualprop.reference import engine as reference
 
         last = len(case.layers) - 1
         top = dataclasses.replace(case.layers[last], kernel=case.layers[last].kernel.T.copy())
@@ -158,7 +159,7 @@ class CrashesInBackward(NumpyEngine):
     name = "crashes-in-backward"
 
     def step(self, case):
-        from manualprop import engine as reference
+        from manualprop.reference import engine as reference
 
         traces = reference.forward(case)
         traces[-1].dZ = np.zeros((1, 5))  # the wrong shape: dW = A_prev.T @ dZ cannot be formed

@@ -884,13 +884,13 @@ def test_expected_names_list_no_bias_for_a_layer_without_one():
     ],
 )
 def test_closest_is_by_edit_distance(word, names, closest_name):
-    from manualprop.case import closest
+    from manualprop.casefile.case import closest
 
     assert closest(word, names) == closest_name
 
 
 def test_closest_counts_an_alias_as_its_name():
-    from manualprop.case import closest
+    from manualprop.casefile.case import closest
 
     assert closest("learning_rat", ["lr", "loss"], {"learning_rate": "lr"}) == "lr"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from manualprop import cli, engines
-from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
+from manualprop.reference.engine import NumpyEngine
 
 GOOD = """
 name: tiny
@@ -184,9 +184,9 @@ def test_schema_describes_the_case_file(capsys):
 
 def test_the_bundled_cases_validate_against_the_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    from manualprop import yamlsafe
+    from manualprop.casefile import yamlsafe
+    from manualprop.casefile.schema import json_schema
     from manualprop.harness import bundled_cases
-    from manualprop.schema import json_schema
 
     validator = jsonschema.Draft202012Validator(json_schema())
     paths = sorted(Path(bundled_cases()).rglob("*.yaml"))

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from manualprop import cli, compat, engines, harness, parse_case, report
-from manualprop.engine import NumpyEngine
+from manualprop import cli, engines, harness, parse_case
 from manualprop.engines import StepResult
+from manualprop.reference.engine import NumpyEngine
+from manualprop.reports import compat, report
 
 CASE = """
 name: {name}

@@ -1,11 +1,12 @@
-"""The computation is described once (manualprop.computation.walk): diagnose searches it, explain prints it."""
+"""The computation is described once (manualprop.verdict.computation.walk): diagnose searches it, explain prints it."""
 
 from pathlib import Path
 
 import pytest
 
-from manualprop import computation, diagnose, engines, explain, harness, load_case, parse_case
-from manualprop.computation import Quantity, Step
+from manualprop import engines, harness, load_case, parse_case
+from manualprop.verdict import computation, diagnose, explain
+from manualprop.verdict.computation import Quantity, Step
 
 import faulty_engines
 from test_diagnose import CASE

@@ -6,8 +6,10 @@ import importlib.util
 
 import pytest
 
-from manualprop import activations, concepts, harness, losses, parse_case
+from manualprop import concepts, harness, parse_case
 from manualprop.oracle import maths
+from manualprop.reference import activations, losses
+from manualprop.verdict import results
 
 FRAMEWORKS = {"torch": "torch", "keras": "keras"}
 ENGINES = ["numpy", "numeric", *FRAMEWORKS]
@@ -55,7 +57,7 @@ def check(engine: str, case) -> None:
     result = harness.run_case(case, [engine, "numeric"] if engine != "numeric" else ["numeric", "numpy"])
     run = result.runs[engine]
     assert run.status == "ran", run.reason
-    assert not [c.message for c in result.comparisons if harness.failed(c)]
+    assert not [c.message for c in result.comparisons if results.failed(c)]
 
 
 def test_every_declaration_has_its_maths_and_its_builders():
@@ -68,7 +70,7 @@ def test_every_declaration_has_its_maths_and_its_builders():
 
 
 def test_the_schema_accepts_exactly_the_declared_names():
-    from manualprop import schema
+    from manualprop.casefile import schema
 
     assert set(schema.ActivationName.__args__) == set(concepts.ACTIVATIONS)
     assert set(schema.LossName.__args__) == {*concepts.LOSSES, *concepts.LOSS_ALIASES}
@@ -89,8 +91,8 @@ OPTIMIZER_SETTINGS = {  # every hyperparameter written, away from the defaults w
 @pytest.mark.parametrize("optimizer", list(concepts.OPTIMIZERS))
 def test_every_optimizer_runs_in_every_engine(engine, optimizer):
     """Two steps of every declared optimizer: each engine runs them and agrees with the oracle, or
-    (Keras) differs exactly where manualprop.variants declares its own update."""
-    from manualprop import variants
+    (Keras) differs exactly where manualprop.reference.variants declares its own update."""
+    from manualprop.reference import variants
 
     text = case_text("tanh", "mse") + f"optimizer: {OPTIMIZER_SETTINGS[optimizer]}\nsteps: 2\n"
     case = parse_case(text, f"{optimizer}.yaml")
@@ -104,9 +106,9 @@ def test_every_optimizer_runs_in_every_engine(engine, optimizer):
 
 
 def test_every_optimizer_has_its_update_in_every_engine():
-    from manualprop import optimizers
     from manualprop.adapters import keras_engine, torch_engine
     from manualprop.oracle import updates
+    from manualprop.reference import optimizers
 
     assert set(OPTIMIZER_SETTINGS) == set(concepts.OPTIMIZERS)
     for table in (optimizers.OPTIMIZERS, updates.UPDATES, torch_engine.OPTIMIZER, keras_engine.OPTIMIZER):

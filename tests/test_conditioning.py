@@ -1,6 +1,6 @@
 """The rounding of a gradient that is nearly nothing (terms that cancel, a saturated tanh, a sign
 of y - t lost to rounding), through an update normalized by sqrt(v) or through several steps:
-the allowance of manualprop.conditioning covers it, stays negligible elsewhere, and excuses
+the allowance of manualprop.verdict.conditioning covers it, stays negligible elsewhere, and excuses
 nothing that was computed exactly."""
 
 from pathlib import Path
@@ -9,8 +9,9 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from manualprop import conditioning, harness, load_case
-from manualprop.compare import tolerated
+from manualprop import harness, load_case
+from manualprop.verdict import conditioning
+from manualprop.verdict.compare import tolerated
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 CANCELLING = CASES / "regressions" / "adam_mae_gradient_cancelling_float64.yaml"
@@ -77,7 +78,7 @@ def test_what_is_computed_exactly_gets_no_allowance():
 
 
 def test_an_engine_with_the_other_relu_convention_still_fails(monkeypatch):
-    from manualprop import activations
+    from manualprop.reference import activations
 
     relu = activations.ACTIVATIONS["relu"]
     monkeypatch.setitem(
@@ -88,7 +89,7 @@ def test_an_engine_with_the_other_relu_convention_still_fails(monkeypatch):
 
 
 def test_a_nan_or_an_infinity_is_never_within_an_unbounded_allowance():
-    from manualprop.compare import compare
+    from manualprop.verdict.compare import compare
 
     for a, b in [(np.inf, np.inf), (np.nan, np.nan), (np.inf, 1.0)]:
         assert not compare("p", "a", np.array([a]), "b", np.array([b]), 1e-4, 1e-6, allowance=np.inf).ok
@@ -145,8 +146,9 @@ def test_what_only_the_allowance_excuses_is_said(capsys):
 def test_an_engine_whose_slip_widens_its_own_estimate_is_held_to_the_other_one():
     """The allowance of a pair is the smaller of the two engines' own estimates: a student's tanh'
     = 1 - a (its trace, its gradients) on the saturated case still fails against PyTorch."""
-    from manualprop import activations, engines
-    from manualprop.engine import NumpyEngine
+    from manualprop import engines
+    from manualprop.reference import activations
+    from manualprop.reference.engine import NumpyEngine
 
     tanh = activations.ACTIVATIONS["tanh"]
     slipped = MappingProxyType(

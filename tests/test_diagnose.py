@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from manualprop import cli, engines, harness, parse_case
+from manualprop.verdict import results
 
 import faulty_engines
 
@@ -182,9 +183,10 @@ REGRESSION = Path(__file__).resolve().parent.parent / "cases" / "regressions" / 
 
 
 def test_float32_rounding_that_the_oracle_explains_is_not_a_mismatch(monkeypatch):
-    """Two guards excuse this rounding: the allowance of manualprop.conditioning (the engines then
+    """Two guards excuse this rounding: the allowance of manualprop.verdict.conditioning (the engines then
     agree outright), and, without it, the oracle finding each engine within the tolerance."""
-    from manualprop import conditioning, load_case
+    from manualprop import load_case
+    from manualprop.verdict import conditioning
 
     case = load_case(REGRESSION)
     assert harness.run_case(case, ["numpy", "numeric", *FRAMEWORKS]).verdict == "pass"
@@ -192,7 +194,7 @@ def test_float32_rounding_that_the_oracle_explains_is_not_a_mismatch(monkeypatch
     monkeypatch.setattr(conditioning, "allowance", lambda case, history=None: none)
     result = harness.run_case(case, ["numpy", "numeric", *FRAMEWORKS])
     apart = [c for c in result.comparisons if not c.ok]
-    assert apart and all(harness.is_rounding(c) for c in apart)  # apart by more than the tolerance ...
+    assert apart and all(results.is_rounding(c) for c in apart)  # apart by more than the tolerance ...
     assert result.ok and result.verdict == "pass"  # ... yet each within it of the float64 oracle
 
 
@@ -200,4 +202,4 @@ def test_the_oracle_does_not_excuse_a_real_fault_in_float32(faulty):
     case = parse_case(CASE.replace("dtype: float64", "dtype: float32"), "three32.yaml")
     result = harness.run_case(case, ["numpy", "wrong-derivative"])
     assert result.verdict == "fail" and result.diagnosis.engine == "wrong-derivative"
-    assert not any(harness.is_rounding(c) for c in result.comparisons if c.param == "layers.1.kernel")
+    assert not any(results.is_rounding(c) for c in result.comparisons if c.param == "layers.1.kernel")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from manualprop import parse_case
-from manualprop.engine import NumpyEngine, forward, loss_value
+from manualprop.reference.engine import NumpyEngine, forward, loss_value
 
 from finite_differences import gradient
 

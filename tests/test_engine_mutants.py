@@ -12,11 +12,12 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from manualprop import activations, engines, losses, parse_case
-from manualprop.activations import Activation
-from manualprop.engine import NumpyEngine
-from manualprop.losses import Loss
-from manualprop.optimizers import Optimizer
+from manualprop import engines, parse_case
+from manualprop.reference import activations, losses
+from manualprop.reference.activations import Activation
+from manualprop.reference.engine import NumpyEngine
+from manualprop.reference.losses import Loss
+from manualprop.reference.optimizers import Optimizer
 
 from finite_differences import gradient
 
@@ -65,7 +66,7 @@ layers:
 
 class CountingSgd(NumpyEngine):
     """A variant engine whose "sgd" scales step t's update by a state n that counts the steps:
-    p <- p - lr * n * g, n = 1, 2, ... It uses none of manualprop.optimizers' functions, so that
+    p <- p - lr * n * g, n = 1, 2, ... It uses none of manualprop.reference.optimizers' functions, so that
     only the engine is tested."""
 
     name = "variant"

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from manualprop import fingerprint, harness, parse_case
+from manualprop import harness, parse_case
+from manualprop.reports import fingerprint
 
 CASE = "loss: mse\nlr: 0.1\ninputs: [[1.0]]\ntargets: [[2.0]]\nlayers: [{units: 1, kernel: [[0.5]]}]\n"
 

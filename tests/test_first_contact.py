@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from manualprop import cli, engines, harness, load_case
-from manualprop.engine import NumpyEngine
 from manualprop.engines import StepResult
+from manualprop.reference.engine import NumpyEngine
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -149,8 +149,8 @@ def test_explain_shows_a_weight_layer_in_the_files_layout_and_the_golden_values(
 
 def test_explain_names_each_gradient_once():
     case_text = WEIGHT
-    from manualprop import explain
-    from manualprop.case import parse_case
+    from manualprop.casefile.case import parse_case
+    from manualprop.verdict import explain
 
     result = harness.run_case(parse_case(case_text, "w.yaml"), ["numpy"])
     headings = {s.heading: s.formula for s in explain.sections(result)}
@@ -362,8 +362,8 @@ def test_hints_name_a_weight_parameter_as_the_file_does(weight_case, capsys):
 
 
 def test_a_column_of_inputs_is_called_transposed_only_when_the_targets_agree():
-    from manualprop.case import parse_case
-    from manualprop.errors import CaseError
+    from manualprop.casefile.case import parse_case
+    from manualprop.casefile.errors import CaseError
 
     column = WEIGHT.replace("inputs: [[1.0, 2.0], [0.5, -1.0]]", "inputs: [[1.0], [2.0]]")  # (2, 1): 1 sample of 2?
     with pytest.raises(CaseError) as backed:

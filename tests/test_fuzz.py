@@ -6,8 +6,9 @@ import importlib.util
 import pytest
 import yaml
 
-from manualprop import activations, cli
+from manualprop import cli
 from manualprop.fuzz import fuzz
+from manualprop.reference import activations
 
 FRAMEWORK = next((n for n, m in (("torch", "torch"), ("keras", "keras")) if importlib.util.find_spec(m)), None)
 needs_framework = pytest.mark.skipif(FRAMEWORK is None, reason="needs torch or keras as the reference")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from manualprop import parse_case
-from manualprop.engine import NumpyEngine
-from manualprop.golden import golden_hints
+from manualprop.reference.engine import NumpyEngine
+from manualprop.verdict.golden import golden_hints
 
 BEFORE = np.array([[0.3, -0.2, 0.5], [0.1, 0.4, -0.7], [0.6, -0.1, 0.2]])
 DELTA = np.array(

@@ -1,6 +1,6 @@
 """The Keras engine's optimizers and several steps (SPEC section 7), held against references that
 do not come from Keras: the NumPy engine where Keras computes as the SPEC does, and where it does
-not, the NumPy engine replayed with the update as Keras writes it (manualprop.variants); the
+not, the NumPy engine replayed with the update as Keras writes it (manualprop.reference.variants); the
 hints that name those differences, on their canaries; and no optimizer state carried from one
 case to the next through the engine's cache of compiled models."""
 
@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from manualprop import engines, harness, hints, load_case, parse_case, variants
-from manualprop.compare import compare
-from manualprop.computation import Step
-from manualprop.engine import NumpyEngine
+from manualprop import engines, harness, load_case, parse_case
 from manualprop.engines import StepResult
-from manualprop.harness import EngineRun
-from manualprop.outcomes import Status
+from manualprop.reference import variants
+from manualprop.reference.engine import NumpyEngine
+from manualprop.verdict import hints, results
+from manualprop.verdict.compare import compare
+from manualprop.verdict.computation import Step
+from manualprop.verdict.outcomes import Status
+from manualprop.verdict.results import EngineRun
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARIES = ROOT / "cases" / "canaries"
@@ -63,7 +65,7 @@ AGREEING = [  # Keras computes these as the SPEC does (with the adapter's settin
     "{name: sgd, momentum: 0.9, weight_decay: 0.1}",
     "{name: sgd, momentum: 0.5, nesterov: true, weight_decay: 0.01}",
 ]
-DIFFERING = [  # Keras computes these as manualprop.variants writes them
+DIFFERING = [  # Keras computes these as manualprop.reference.variants writes them
     "{name: adam, epsilon: 1.0e-8}",
     "{name: adam, epsilon: 1.0e-3, beta1: 0.8, beta2: 0.99, amsgrad: true}",
     "{name: adamw, epsilon: 1.0e-8, weight_decay: 0.05}",
@@ -234,7 +236,7 @@ def test_each_canary_holds_and_states_its_difference(keras, optimizer):
     assert c.optimizer == optimizer and "epsilon" in c.known_differences["keras"]
     result = harness.run_case(c, ["numpy", "keras"])
     assert result.ok and not result.vanished, result.notes
-    assert any(harness.is_known(x) for x in result.comparisons)
+    assert any(results.is_known(x) for x in result.comparisons)
     assert len(c.layers) == 1 and c.layers[0].kernel.size == 1  # the smallest network that shows it
 
 
@@ -303,9 +305,10 @@ def test_kerass_own_sgd_weight_decay_is_decoupled_and_the_hint_names_it(keras, m
 
 KERAS2 = """
 import json, sys
-from manualprop import engines, parse_case, variants
-from manualprop.compare import compare
-from manualprop.engine import NumpyEngine
+from manualprop import engines, parse_case
+from manualprop.reference import variants
+from manualprop.verdict.compare import compare
+from manualprop.reference.engine import NumpyEngine
 text = sys.stdin.read()
 out = {}
 for optimizer in ["{name: sgd, momentum: 0.9, weight_decay: 0.1}", "{name: adam, epsilon: 1.0e-8, amsgrad: true}",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from manualprop import losses
+from manualprop.reference import losses
 
 from finite_differences import gradient
 

@@ -1,4 +1,4 @@
-"""The optimizers' state, as the mutation run of manualprop/optimizers.py found it unchecked (docs/mutation.md).
+"""The optimizers' state, as the mutation run of manualprop/reference/optimizers.py found it unchecked (docs/mutation.md).
 
 The state each optimizer keeps is what ``explain`` shows after every step, but the cases check only
 the deltas, so a state kept where the configuration needs none (Adam's vmax without amsgrad, a
@@ -14,9 +14,10 @@ import warnings
 import numpy as np
 import pytest
 
-from manualprop import concepts, harness, optimizers, parse_case
-from manualprop.engine import NumpyEngine
-from manualprop.outcomes import Status
+from manualprop import concepts, harness, parse_case
+from manualprop.reference import optimizers
+from manualprop.reference.engine import NumpyEngine
+from manualprop.verdict.outcomes import Status
 
 torch = pytest.importorskip("torch")
 

@@ -3,12 +3,12 @@
 The reference here is written from the SPEC's formulas alone: every update in mpmath at 50
 digits, the gradient of each step from PyTorch autograd (``torch.autograd.grad`` on a forward
 written with ``torch.nn.functional`` in float64, no ``torch.optim``) at that step's parameters.
-It shares no code with the NumPy engine (manualprop/optimizers.py, engine.py) nor with the torch
+It shares no code with the NumPy engine (manualprop/reference/optimizers.py, engine.py) nor with the torch
 adapter (which uses ``torch.optim``), so a slip in either shows as a mismatch here.
 
 The hidden cases are the SPEC's: sgd with momentum, sgd with Nesterov and weight decay, adam,
 adam with amsgrad, adamw, rmsprop plain, rmsprop centered with momentum, adagrad; 2 and 3 steps;
-float32 and float64; each judged with the case's own tolerance by manualprop.compare.
+float32 and float64; each judged with the case's own tolerance by manualprop.verdict.compare.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from manualprop import harness, load_case, parse_case
-from manualprop.compare import compare
 from manualprop.concepts import OPTIMIZERS
-from manualprop.outcomes import Status
+from manualprop.verdict import results
+from manualprop.verdict.compare import compare
+from manualprop.verdict.outcomes import Status
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -393,14 +394,14 @@ def test_keras_agrees_or_is_blamed(name, dtype, steps):
     if keras.status == Status.SKIPPED:
         pytest.skip(keras.reason)
     against = [c for c in result.comparisons if "keras" in (c.a, c.b)]
-    if against and not any(harness.failed(c) for c in against) and keras.status == Status.RAN:
+    if against and not any(results.failed(c) for c in against) and keras.status == Status.RAN:
         return
     assert result.diagnosis is not None and result.diagnosis.engine == "keras", (
         f"{name}, {dtype}, {steps} steps: keras disagrees and the diagnosis is "
         f"{result.diagnosis and (result.diagnosis.engine, result.diagnosis.sentence)}\n"
-        + "\n".join(c.message for c in against if harness.failed(c))
+        + "\n".join(c.message for c in against if results.failed(c))
     )
-    from manualprop import variants
+    from manualprop.reference import variants
 
     named = [v for v in variants.of(case) if "cases/canaries/" in v.pinned]
     assert named, f"{name}: keras is blamed where no known variant of its update explains it"

@@ -2,7 +2,7 @@
 
 The oracle (``numeric``) writes SPEC section 7's updates on its own, in MPFR with interval
 bounds, and takes every gradient by central differences: it shares no line with
-``manualprop.optimizers`` or ``manualprop.engine``, so agreeing with the NumPy reference on every
+``manualprop.reference.optimizers`` or ``manualprop.reference.engine``, so agreeing with the NumPy reference on every
 optimizer and option checks both. Its stated uncertainty is then held against what it claims
 to cover: the same run with every gradient moved to the edge of its stated uncertainty (which
 an honest bound must contain, through Adam's quotient near epsilon and a gradient of unknown
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from manualprop import parse_case
-from manualprop.compare import compare, tolerated
-from manualprop.engine import NumpyEngine
 from manualprop.oracle import NumericEngine, differences
+from manualprop.reference.engine import NumpyEngine
+from manualprop.verdict.compare import compare, tolerated
 
 NETWORK = """
 dtype: float64

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import manualprop
-from manualprop import cli, compat, harness, parse_case, report
-from manualprop.outcomes import Status, Verdict
+from manualprop import cli, harness, parse_case
+from manualprop.reports import compat, report
+from manualprop.verdict.outcomes import Status, Verdict
 
 CASE = """
 name: tiny
@@ -44,7 +45,7 @@ def test_outcomes_sit_below_the_rest_of_the_package():
         n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("manualprop"))
     ]
     imported += [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name.startswith("manualprop") for a in n.names)]
-    assert not imported, "manualprop/outcomes.py must import nothing from the package"
+    assert not imported, "manualprop/verdict/outcomes.py must import nothing from the package"
 
 
 def test_the_json_report_keeps_the_strings(tmp_path):

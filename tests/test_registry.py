@@ -15,7 +15,7 @@ def plugin_distribution(tmp_path, monkeypatch):
     """An installed third-party package that declares an engine through the entry point."""
     (tmp_path / "mp_plugin_engine.py").write_text(
         textwrap.dedent("""
-        from manualprop.engine import NumpyEngine
+        from manualprop.reference.engine import NumpyEngine
 
         class PluginEngine(NumpyEngine):
             name = "plugin"

@@ -9,7 +9,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from manualprop import activations, harness, losses, parse_case
+from manualprop import harness, parse_case
+from manualprop.reference import activations, losses
 
 FRAMEWORKS = [name for name, module in (("torch", "torch"), ("keras", "keras")) if importlib.util.find_spec(module)]
 pytestmark = pytest.mark.skipif(not FRAMEWORKS, reason='needs torch or keras as the reference (pip install "manualprop[torch]")')

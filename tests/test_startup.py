@@ -22,11 +22,11 @@ NOT_AT_START = (
     "rich.progress",
     "manualprop.oracle",
     "manualprop.fuzz",
-    "manualprop.explain",
-    "manualprop.golden",
-    "manualprop.hints",
-    "manualprop.fingerprint",
-    "manualprop.compat",
+    "manualprop.verdict.explain",
+    "manualprop.verdict.golden",
+    "manualprop.verdict.hints",
+    "manualprop.reports.fingerprint",
+    "manualprop.reports.compat",
 )
 
 
@@ -41,7 +41,7 @@ def test_importing_the_cli_loads_nothing_a_numpy_run_does_not_need_and_builds_no
         textwrap.dedent(f"""
         import json, sys
         import manualprop.cli
-        from manualprop import schema
+        from manualprop.casefile import schema
 
         print(json.dumps({{"loaded": [m for m in {NOT_AT_START!r} if m in sys.modules],
                           "built": schema.CaseSpec.__pydantic_complete__}}))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from manualprop import parse_case
-from manualprop.engine import NumpyEngine
+from manualprop.reference.engine import NumpyEngine
 
 pytest.importorskip("torch")
 

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import gmpy2
 import numpy as np
 
-from ..case import Case
+from ..casefile.case import Case
 from ..concepts import ACTIVATIONS
 from ..engines import LayerTrace, StepRecord, StepResult
 from .differences import FLOAT64, central, drift, gradient, stated

@@ -1,6 +1,6 @@
 """The oracle's own maths: a dense network's forward pass and loss, in 128-bit MPFR numbers.
 
-Written from the definitions, sharing no line with the NumPy engine (``manualprop.engine``,
+Written from the definitions, sharing no line with the NumPy engine (``manualprop.reference.engine``,
 ``activations``, ``losses``): a second opinion. Arrays are NumPy object arrays of
 ``gmpy2.mpfr`` numbers, so ``@`` and ``+`` are exact-to-rounding MPFR arithmetic with a unit
 roundoff of 2^-128 (about 2.9e-39), correctly rounded at every operation.

@@ -10,7 +10,7 @@ Backward, from the loss down::
     dW = A_prev.T @ dZ          db = dZ summed over the batch
     dA_prev = dZ @ W.T
 
-Update: the case's optimizer (:mod:`manualprop.optimizers`; plain SGD is ``p <- p - lr * dL/dp``),
+Update: the case's optimizer (:mod:`manualprop.reference.optimizers`; plain SGD is ``p <- p - lr * dL/dp``),
 once per step, each step on the same batch. Every intermediate is kept in a LayerTrace per layer.
 
 The functions take the activation and loss registries as arguments (the shipped ones by
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..casefile.case import Case
+from ..engines import LayerTrace, StepRecord, StepResult, filled
 from . import losses
 from .activations import ACTIVATIONS, Activation
-from .case import Case
-from .engines import LayerTrace, StepRecord, StepResult, filled
 from .losses import LOSSES, Loss
 from .optimizers import OPTIMIZERS, Optimizer
 

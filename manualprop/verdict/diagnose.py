@@ -1,6 +1,6 @@
 """When engines disagree: the first quantity that diverges, the engine to blame, and hints.
 
-The computation is walked in the order it runs (:func:`manualprop.computation.walk`, which
+The computation is walked in the order it runs (:func:`manualprop.verdict.computation.walk`, which
 ``explain`` prints too): each layer's Z and A (forward), the loss, the loss gradient, then backward
 from the last layer (dZ, dW, db, and the dA it passes down through its W to the layer below), and
 last the update of each parameter. The first quantity on which the engines disagree under the
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .case import Case
+from ..casefile.case import Case
+from ..engines import StepResult
 from .compare import compare, tolerated
 from .computation import Quantity, Step, comparable, result_of, value
-from .engines import StepResult
 
 if TYPE_CHECKING:
-    from .harness import EngineRun
+    from .results import EngineRun
 
 BEFORE = {
     "Z": "",
@@ -257,7 +257,7 @@ def diagnose_expected(
     agreeing engines' steps, the numbers the golden values are held against.
     """
     from .golden import golden_hints
-    from .harness import failed
+    from .results import failed
 
     wrong = [c for c in expected if failed(c)]
     if not wrong or case.expected is None:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .concepts import LOSS_ALIASES
+from ..concepts import LOSS_ALIASES
 
 Array = np.ndarray
 

@@ -1,9 +1,9 @@
 """Hints: patterns in how a blamed engine differs, each with the slip it usually means.
 
-Every hint is tied to where the divergence starts (a :class:`~manualprop.diagnose.Step`): a
+Every hint is tied to where the divergence starts (a :class:`~manualprop.verdict.diagnose.Step`): a
 loss-reduction factor only when the loss or its gradient is the first quantity to differ, an
 update factor only when every intermediate agrees, a slope at the activation, a framework's own
-optimizer formula (:mod:`manualprop.variants`) at the delta when the case replayed with it gives
+optimizer formula (:mod:`manualprop.reference.variants`) at the delta when the case replayed with it gives
 the blamed engine's deltas (that hint then stands alone: a factor between the deltas is the
 formula's). A constant factor
 is named only when it differs from 1 by far more than the tolerance (100 times rtol), with the
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import variants
-from .case import Case
+from ..casefile.case import Case
+from ..concepts import LOSSES
+from ..reference import variants
 from .compare import DEFAULT_TOLERANCE, compare
-from .concepts import LOSSES
 from .diagnose import Step, value
 
 if TYPE_CHECKING:
-    from .harness import EngineRun
+    from .results import EngineRun
 
 
 def distinct(x: float, y: float) -> tuple[str, str]:
@@ -236,7 +236,7 @@ def _cross_entropy_hints(case: Case, step: Step, culprit: EngineRun, reference: 
 
 def _optimizer_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """Deltas that follow a framework's optimizer where it computes otherwise than the SPEC
-    (:mod:`manualprop.variants`): the case replayed through the NumPy engine with that update gives
+    (:mod:`manualprop.reference.variants`): the case replayed through the NumPy engine with that update gives
     the culprit's deltas on every parameter, and lies outside the tolerance of the reference's."""
     if step.label != "delta" or culprit.result is None or reference.result is None:
         return []

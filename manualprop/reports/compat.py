@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .outcomes import Status, Verdict
+from ..verdict.outcomes import Status, Verdict
 
 FORMAT = "manualprop-compat-1"
 ICON = {

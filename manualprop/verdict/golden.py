@@ -5,7 +5,7 @@ what is wrong. :func:`golden_hints` tries the slips a hand computation of one SG
 makes (a transposed kernel, the wrong section, no update at all, a missing learning rate, a
 flipped sign, a constant factor, one wrong element, row or column, too few digits) and returns one
 sentence per slip that fits, most likely first, each naming the slip and the numbers. "Fits"
-always means: holds under the golden tolerance, judged by :func:`manualprop.compare.compare`.
+always means: holds under the golden tolerance, judged by :func:`manualprop.verdict.compare.compare`.
 
 Every index printed is in the layout the person wrote: (out, in) for ``weight:``, (in, out) for
 ``kernel:``. Plain SGD is assumed: ``delta = -lr * g``, so the gradient is ``g = -delta / lr``.

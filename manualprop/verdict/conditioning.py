@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import losses
-from .activations import ACTIVATIONS
-from .case import Case
-from .engines import LayerTrace, StepRecord, filled
-from .losses import LOSSES
-from .optimizers import OPTIMIZERS
+from ..casefile.case import Case
+from ..engines import LayerTrace, StepRecord, filled
+from ..reference import losses
+from ..reference.activations import ACTIVATIONS
+from ..reference.losses import LOSSES
+from ..reference.optimizers import OPTIMIZERS
 
 OPERATION = 2  # an operation's rounding in each of two engines, in units of u times its terms' magnitude
 
@@ -51,7 +51,7 @@ def allowance(case: Case, history: list[StepRecord] | None = None) -> dict[str, 
     nothing = {**{name: np.zeros_like(p) for name, p in params.items()}, "loss": np.zeros(case.steps if case.steps > 1 else ())}
     if case.rtol == 0 and case.atol == 0:  # the case asks for the same bits: nothing is excused
         return nothing
-    from .engine import NumpyEngine
+    from ..reference.engine import NumpyEngine
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         history = history if history is not None else NumpyEngine().step(case).history

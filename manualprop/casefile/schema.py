@@ -1,7 +1,7 @@
 """The case file's schema: what may be written, as pydantic models (``manualprop schema``).
 
 These models check types, names and unknown keys; shapes and the links between fields are
-checked in :mod:`manualprop.case`, which turns a validated file into arrays.
+checked in :mod:`manualprop.casefile.case`, which turns a validated file into arrays.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, create_model
 
-from .concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
+from ..concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
 
 # The names come from the declarations (manualprop.concepts), never listed here. Types built at
 # import (these Literals, the models from create_model) are no static types to mypy: where one is
@@ -82,7 +82,7 @@ _ACTIVATION_FIELDS: dict[str, Any] = {
 
 # An activation with its parameters: ``{name: leaky_relu, alpha: 0.1}``. Every declared parameter
 # of any activation may be written here; which belongs to which, and which is required, is
-# checked in manualprop.case against the declaration.
+# checked in manualprop.casefile.case against the declaration.
 ActivationSpec: type[Any] = create_model(
     "ActivationSpec",
     __base__=_Strict,
@@ -123,7 +123,7 @@ _OPTIMIZER_FIELDS: dict[str, Any] = {
 
 # An optimizer with its hyperparameters: ``{name: adam, epsilon: 1.0e-8}``. Every declared
 # hyperparameter of any optimizer may be written here; which belongs to which, and which is
-# required, is checked in manualprop.case against the declaration.
+# required, is checked in manualprop.casefile.case against the declaration.
 OptimizerSpec: type[Any] = create_model(
     "OptimizerSpec",
     __base__=_Strict,

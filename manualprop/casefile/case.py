@@ -1,7 +1,7 @@
 """A case: a validated case file turned into arrays, every engine's common input.
 
 Loading runs in three stages, each reporting every problem it finds with the file, the line and
-the field path: safe YAML (:mod:`manualprop.yamlsafe`), the schema (:mod:`manualprop.schema`),
+the field path: safe YAML (:mod:`manualprop.casefile.yamlsafe`), the schema (:mod:`manualprop.casefile.schema`),
 then the checks below (shapes, links between fields, sizes). Generated arrays are drawn here,
 once, from ``numpy.random.default_rng(seed)`` in file order (inputs, targets, then each layer's
 kernel and bias), so every engine receives the same numbers.
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import concepts, schema, yamlsafe
-from .compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
+from .. import concepts
+from ..verdict.compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
+from . import schema, yamlsafe
 from .errors import CaseError, Problem, format_path
 
 MAX_ELEMENTS = 10_000_000  # per array, generated or implied by a layer's size

@@ -2,7 +2,7 @@
 
 For each layer, the forward tensors (Z, A), then the loss, then backward from the last layer
 (dA, dZ, dW, db), then the update (the updated parameters and the deltas), each engine side by
-side: the walk of :func:`manualprop.computation.walk`, the one ``diagnose`` searches, with each
+side: the walk of :func:`manualprop.verdict.computation.walk`, the one ``diagnose`` searches, with each
 quantity's heading and formula. The first divergence, if any, is marked. ``--markdown`` gives
 the same as Markdown.
 """
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import computation, engines
+from .. import engines
+from . import computation
 from .computation import Step, walk
-from .harness import CaseResult
 from .outcomes import Status
+from .results import CaseResult
 
 
 @dataclass

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from . import concepts
-from .case import Case
-from .engines import StepResult
+from .. import concepts
+from ..casefile.case import Case
+from ..engines import StepResult
 
 if TYPE_CHECKING:
-    from .harness import EngineRun
+    from .results import EngineRun
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import format_path
-from .harness import CaseResult, EngineRun
-from .outcomes import Status, Verdict
+from ..casefile.errors import format_path
+from ..verdict.outcomes import Status, Verdict
+from ..verdict.results import CaseResult, EngineRun
 
 
 def _finite_or_text(value: Any) -> Any:

@@ -1,7 +1,7 @@
 """Optimizer updates as a framework computes them where they differ from the SPEC's (section 7),
-each a modified copy of one function of :mod:`manualprop.optimizers`, with its state as there.
+each a modified copy of one function of :mod:`manualprop.reference.optimizers`, with its state as there.
 
-A hint (:mod:`manualprop.hints`) replays a case through the NumPy engine with one of these in place
+A hint (:mod:`manualprop.verdict.hints`) replays a case through the NumPy engine with one of these in place
 of the SPEC's update and names the variant when an engine's deltas follow it; the Keras tests
 (tests/test_keras_optimizers.py) hold each against the framework that computes it so. Each variant
 that no framework setting removes is pinned by the canary it names.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..casefile.case import Case
+from ..engines import StepResult
 from . import optimizers
-from .case import Case
-from .engines import StepResult
 from .optimizers import Array, Hyper, State
 
 
