@@ -40,7 +40,7 @@ def test_failing_verdicts_are_those_that_fail_a_run():
 
 
 def test_outcomes_sit_below_the_rest_of_the_package():
-    tree = ast.parse(Path(manualprop.__file__).with_name("outcomes.py").read_text(encoding="utf-8"))
+    tree = ast.parse((Path(manualprop.__file__).parent / "verdict" / "outcomes.py").read_text(encoding="utf-8"))
     imported = [
         n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("manualprop"))
     ]
