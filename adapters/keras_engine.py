@@ -384,6 +384,10 @@ class _Record(StepRecord):
         if value is not None:
             self._trace, self._compute = value, None
 
+    @property
+    def has_trace(self) -> bool:
+        return self._trace is not None
+
     def __repr__(self) -> str:
         return f"StepRecord(loss={self.loss!r}, deltas={sorted(self.deltas)}, state={sorted(self.state)})"
 

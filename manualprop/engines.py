@@ -62,6 +62,12 @@ class StepRecord:
     state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # parameter -> state name -> array
     trace: list[LayerTrace] | None = None
 
+    @property
+    def has_trace(self) -> bool:
+        """Whether the step's trace is here already (an engine that computes it on first reading,
+        as Keras's second pass does, says no until then)."""
+        return self.trace is not None
+
 
 class StepResult:
     """What a run of the case's steps returns: the loss before the first step and, per parameter,

@@ -254,12 +254,14 @@ def compare_pair(case: Case, a: EngineRun, b: EngineRun, rounding: dict[str, np.
 def _rounding(
     case: Case, runs: dict[str, EngineRun], pair: tuple[EngineRun, EngineRun], allowances: dict[str, dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """What rounding can move, for a pair: estimated from each engine's own trace and the smaller
-    taken, so that an engine whose slip inflates its own estimate does not excuse itself; from the
-    NumPy reference's run when neither engine traces (the oracle's pairs)."""
-    own = [run for run in pair if run.engine != engines.ORACLE and _traced(run.output)] or [
-        run for run in [runs.get("numpy")] if run is not None and run.status == Status.RAN
-    ]
+    """What rounding can move, for a pair: estimated from the NumPy reference's trace and from each
+    engine of the pair whose trace is at hand (not computed for this: Keras's costs a second pass),
+    and the smallest taken, so that an engine whose slip inflates its own estimate does not
+    excuse itself."""
+    reference = runs.get("numpy")
+    own = [run for run in pair if run.engine not in (engines.ORACLE, "numpy") and _traced(run.output)]
+    if reference is not None and reference.status == Status.RAN:
+        own.append(reference)
     estimates = []
     for run in own:
         if run.engine not in allowances:
@@ -271,8 +273,11 @@ def _rounding(
 
 
 def _traced(result: StepResult) -> bool:
-    """Whether every step of a run kept a whole trace (a layer's Z, A and gradients)."""
-    return bool(result.history) and all(record.trace and all(t.dW is not None for t in record.trace) for record in result.history)
+    """Whether every step of a run holds its whole trace already (a layer's Z, A and gradients)."""
+    history = result.history or []
+    return bool(history) and all(
+        record.has_trace and record.trace and all(t.dW is not None for t in record.trace) for record in history
+    )
 
 
 def _losses(case: Case, result: StepResult) -> np.ndarray:
