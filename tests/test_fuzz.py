@@ -24,7 +24,10 @@ def wrong_tanh_derivative(monkeypatch):
 @needs_framework
 def test_fuzz_finds_an_injected_fault_and_writes_a_minimal_case_that_fails(wrong_tanh_derivative, tmp_path, capsys):
     out = tmp_path / "found"
-    assert cli.main(["fuzz", "--n", "60", "--seed", "1", "--out", str(out), "--engines", f"numpy,{FRAMEWORK}"]) == 1
+    # One plain SGD step (--plain-sgd): the fault is in the tanh, and shrinking over optimizers and
+    # steps would take minutes to reach the same one-layer case.
+    args = ["fuzz", "--n", "60", "--seed", "1", "--out", str(out), "--engines", f"numpy,{FRAMEWORK}", "--plain-sgd"]
+    assert cli.main(args) == 1
     (path,) = sorted(out.glob("*.yaml"))
     text = path.read_text()
     assert text.startswith("# Found by: manualprop fuzz --n 60 --seed 1")
@@ -40,7 +43,7 @@ def test_the_minimal_case_passes_once_the_fault_is_gone(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         tanh = activations.ACTIVATIONS["tanh"]
         patch.setitem(activations.ACTIVATIONS, "tanh", activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a))
-        summary = fuzz(40, 2, tmp_path, ["numpy", FRAMEWORK])
+        summary = fuzz(40, 2, tmp_path, ["numpy", FRAMEWORK], optimizers=False)
     assert summary.findings
     assert cli.main(["run", str(summary.findings[0].path), "--engines", f"numpy,{FRAMEWORK}"]) == 0  # ... because of the fault
 
@@ -59,7 +62,7 @@ def test_random_cases_raise_no_false_alarm(seed, tmp_path, capsys):
 
 @needs_framework
 def test_a_pool_of_architectures_finds_the_fault_too(wrong_tanh_derivative, tmp_path):
-    summary = fuzz(60, 3, tmp_path, ["numpy", FRAMEWORK], architectures=6)
+    summary = fuzz(60, 3, tmp_path, ["numpy", FRAMEWORK], architectures=6, optimizers=False)
     assert summary.findings
     text = summary.findings[0].path.read_text()
     assert "--architectures 6" in text.splitlines()[0] and "tanh" in text
