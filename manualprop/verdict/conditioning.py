@@ -112,18 +112,16 @@ def gradient_errors(
     input_errors = [np.zeros_like(inputs[0])]
     wide_inputs: list[np.ndarray] = [np.asarray(case.inputs).astype(wide)]
     z_errors, a_errors, wide_z = [], [], []
+    signed_inputs = [np.asarray(case.inputs, np.float64)] + [_f64(t.A) for t in trace[:-1]]  # each layer's A_prev
     for i, layer in enumerate(case.layers):
         a_prev, e_prev = inputs[i], input_errors[i]
         bias = params.get(f"layers.{i}.bias")
-        e_z = (
-            u * (a_prev @ kernels[i] + (0.0 if bias is None else np.abs(bias))) + e_prev @ kernels[i] + a_prev @ kernel_errors[i]
-        )
         propagated = e_prev @ kernels[i] + a_prev @ kernel_errors[i] + held.get(f"layers.{i}.bias", 0.0)
         z, a = _f64(trace[i].Z), _f64(trace[i].A)
         z_wide = wide_inputs[i] @ signed[i] + (0 if bias is None else bias.astype(wide))
-        signed_prev = _f64(trace[i - 1].A) if i else np.asarray(case.inputs, np.float64)
-        sums_exact = _exact_sums(signed_prev, params[f"layers.{i}.kernel"], case, bias)
-        e_z = np.where(sums_exact & (propagated == 0), 0.0, e_z + held.get(f"layers.{i}.bias", 0.0))
+        sums_exact = _exact_sums(signed_inputs[i], params[f"layers.{i}.kernel"], case, bias)
+        rounding = u * (a_prev @ kernels[i] + (0.0 if bias is None else np.abs(bias)))
+        e_z = np.where(sums_exact & (propagated == 0), 0.0, rounding + propagated)
         act = ACTIVATIONS[layer.activation]
         moved = [act.forward(z + s * e_z, layer.alpha) for s in (1, -1)]
         a_wide = act.forward(z_wide, layer.alpha)
@@ -167,8 +165,7 @@ def gradient_errors(
         kernel = f"layers.{i}.kernel"
         grads[kernel], wide_grads[kernel] = _f64(trace[i].dW), wide_inputs[i].T @ d_z_wide
         propagated = e_prev.T @ np.abs(d_z) + a_prev.T @ e_dz
-        signed_prev = _f64(trace[i - 1].A) if i else np.asarray(case.inputs, np.float64)
-        sums_exact = _exact_sums(signed_prev.T, d_z, case)
+        sums_exact = _exact_sums(signed_inputs[i].T, d_z, case)
         errors[kernel] = np.where(sums_exact & (propagated == 0), 0.0, u * (a_prev.T @ np.abs(d_z)) + propagated)
         if layer.bias is not None:
             name = f"layers.{i}.bias"
