@@ -74,9 +74,10 @@ class Loss:
     per: str  # "element" (MSE, MAE: a mean divides by every element) or "sample"
     on_logits: bool = False  # y is the last pre-activation Z, the last layer's activation taken inside the loss
     last_activation: str | None = None  # the activation the last layer must have
-    targets: str = "normal"  # how the fuzzer draws its targets: a generator of the case file (normal, one_hot)
+    targets: str = "normal"  # how the fuzzer draws its targets: a generator of the case file (normal, one_hot, classes)
     aliases: tuple[str, ...] = ()
     params: tuple[Param, ...] = field(default=())
+    class_indices: bool = False  # the targets are class indices, shape (batch,), not one value per output
 
 
 SLOPE = Param("alpha", None, "slope", "PyTorch's default is 0.01, Keras's 0.2, Keras 2's 0.3")
@@ -112,6 +113,32 @@ LOSSES: dict[str, Loss] = {
             last_activation="softmax",
             targets="one_hot",
             aliases=("cce",),
+        ),
+        Loss(
+            "binary_crossentropy",
+            "-(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z))) per element; d/dz = sigmoid(z) - t",
+            per="element",
+            on_logits=True,
+            last_activation="sigmoid",
+            targets="uniform",
+            aliases=("bce",),
+        ),
+        Loss(
+            "sparse_categorical_crossentropy",
+            "-log softmax(z)_t per sample, t a class index; d/dz = softmax(z) - onehot(t)",
+            per="sample",
+            on_logits=True,
+            last_activation="softmax",
+            targets="classes",
+            aliases=("scce",),
+            class_indices=True,
+        ),
+        Loss(
+            "huber",
+            "0.5 e^2 where |e| <= delta else delta (|e| - 0.5 delta), e = y - t, per element; "
+            "d/dy = e clipped to [-delta, delta]",
+            per="element",
+            params=(Param("delta", 1.0, "threshold between the squared and the linear part", low=0.0, above_low=True),),
         ),
     ]
 }
@@ -217,6 +244,97 @@ OPTIMIZERS: dict[str, Optimizer] = {
         ),
     ]
 }
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A layer kind (SPEC section 8): the fields a case file may give it, its trainable parameters
+    and its state (changed by the forward pass of a training step, reported and compared like a
+    parameter), in the order reports list them, and what it takes in.
+
+    ``takes``: "features" for (batch, features) only, "images" for (batch, height, width, channels)
+    only, "any" for either. The maths lives in :mod:`manualprop.reference.layers` (NumPy), the
+    oracle's :mod:`manualprop.oracle.maths`, and a builder per framework in its adapter.
+    """
+
+    name: str
+    formula: str
+    fields: tuple[str, ...]  # the keys besides ``type`` it may write
+    required: tuple[str, ...] = ()  # the keys it must write
+    params: tuple[str, ...] = ()  # trainable, in report order
+    state: tuple[str, ...] = ()  # moving statistics: not trained, updated by the step's forward pass
+    takes: str = "any"
+    activation: bool = False  # A = f(Z) after its linear part, as dense
+    frameworks: str = ""  # the frameworks' defaults of a required field, where they differ
+
+    @property
+    def reported(self) -> tuple[str, ...]:
+        return self.params + self.state
+
+
+_WEIGHTS = ("activation", "kernel", "weight", "bias", "init")
+
+# In this order the fuzzer draws them.
+LAYER_TYPES: dict[str, LayerType] = {
+    k.name: k
+    for k in [
+        LayerType(
+            "dense",
+            "Z = A_prev @ W + b, A = f(Z); dW = A_prev.T @ dZ, db = sum dZ, dA_prev = dZ @ W.T",
+            ("units", *_WEIGHTS),
+            ("units",),
+            ("kernel", "bias"),
+            takes="features",
+            activation=True,
+        ),
+        LayerType(
+            "conv2d",
+            "Z[b, y, x, o] = sum_(i, j, c) A_prev_padded[b, y s + i, x s + j, c] K[i, j, c, o] + b[o], A = f(Z); "
+            "dK = patches.T @ dZ, db = sum dZ, dA_prev = dZ @ K.T scattered back over the patches",
+            ("filters", "kernel_size", "strides", "padding", *_WEIGHTS),
+            ("filters", "kernel_size"),
+            ("kernel", "bias"),
+            takes="images",
+            activation=True,
+        ),
+        LayerType(
+            "max_pool2d",
+            "A = the largest value of each window; dA_prev: dA to the first largest of its window, 0 elsewhere",
+            ("pool_size", "strides"),
+            ("pool_size",),
+            takes="images",
+        ),
+        LayerType(
+            "avg_pool2d",
+            "A = the mean of each window; dA_prev: dA / (window size) to every element of its window",
+            ("pool_size", "strides"),
+            ("pool_size",),
+            takes="images",
+        ),
+        LayerType("flatten", "A = A_prev reshaped to (batch, height * width * channels), (h, w, c) order", (), takes="any"),
+        LayerType(
+            "batch_norm",
+            "mean, var (biased) of each feature of the last axis over every other axis; x^ = (x - mean)/sqrt(var + eps); "
+            "A = gamma x^ + beta; moving <- momentum moving + (1 - momentum) stat",
+            ("epsilon", "momentum", "gamma", "beta", "moving_mean", "moving_variance"),
+            ("epsilon", "momentum"),
+            ("gamma", "beta"),
+            ("moving_mean", "moving_variance"),
+            frameworks="Keras's epsilon defaults to 1e-3 and momentum to 0.99; PyTorch's eps to 1e-5 and momentum to 0.1 (= 1 - 0.9)",
+        ),
+        LayerType(
+            "layer_norm",
+            "mean, var (biased) of each sample over its last axis; x^ = (x - mean)/sqrt(var + eps); A = gamma x^ + beta",
+            ("epsilon", "gamma", "beta"),
+            ("epsilon",),
+            ("gamma", "beta"),
+            frameworks="Keras's epsilon defaults to 1e-3, PyTorch's eps to 1e-5",
+        ),
+    ]
+}
+
+# What a parameter's gradient is called in a layer's trace (manualprop.engines.LayerTrace).
+GRADIENT_FIELD = {"kernel": "dW", "bias": "db", "gamma": "dgamma", "beta": "dbeta"}
 
 
 def loss(name: str) -> Loss:

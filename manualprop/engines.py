@@ -32,8 +32,11 @@ GROUP = "manualprop.engines"
 class LayerTrace:
     """One layer's intermediates, kernels and gradients in the (in, out) layout.
 
-    Forward: ``Z = A_prev @ W + b``, ``A = f(Z)``. Backward: ``dA = dL/dA``, ``dZ = dL/dZ``,
-    ``dW = A_prev.T @ dZ``, ``db = dZ summed over the batch``. An engine fills what it can.
+    Dense and conv2d, forward: ``Z = A_prev @ W + b`` (a convolution for conv2d), ``A = f(Z)``.
+    Backward: ``dA = dL/dA``, ``dZ = dL/dZ``, ``dW = dL/dW`` (a conv kernel's (kh, kw, in, out)),
+    ``db = dZ summed over the batch``. Pooling and flatten keep A and dA. A norm layer keeps its
+    statistics ``mean`` and ``var``, the normalized ``xhat``, A, and backward ``dxhat = dA * gamma``,
+    ``dgamma``, ``dbeta`` and dA. An engine fills what it can.
     """
 
     Z: np.ndarray | None = None
@@ -42,6 +45,12 @@ class LayerTrace:
     dZ: np.ndarray | None = None
     dW: np.ndarray | None = None
     db: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    xhat: np.ndarray | None = None
+    dxhat: np.ndarray | None = None
+    dgamma: np.ndarray | None = None
+    dbeta: np.ndarray | None = None
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)  # field -> what the engine knows of its error
 
 

@@ -26,22 +26,51 @@ from .. import concepts
 from ..verdict.compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
 from . import schema, yamlsafe
 from .errors import CaseError, Problem, format_path
+from .layers import LayerChecks, pair, takes_images
 
 MAX_ELEMENTS = 10_000_000  # per array, generated or implied by a layer's size
-PARAM_NAME = re.compile(r"^layers\.(\d+)\.(kernel|bias|weight)$")
+PARAM_NAME = re.compile(r"^layers\.(\d+)\.(kernel|bias|weight|gamma|beta|moving_mean|moving_variance)$")
+STATE_NAMES = frozenset(name for kind in concepts.LAYER_TYPES.values() for name in kind.state)
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A dense layer ready to run: A = activation(A_prev @ kernel + bias)."""
+    """A layer ready to run (SPEC section 8); ``kind`` is a name of :data:`manualprop.concepts.LAYER_TYPES`.
 
-    units: int
+    dense: ``A = activation(A_prev @ kernel + bias)``, kernel (in, out). conv2d: kernel (kh, kw, in,
+    out), ``units`` its filters. batch_norm and layer_norm: ``gamma``, ``beta``, and batch_norm's
+    ``moving_mean`` and ``moving_variance``. Pooling and flatten have no parameters.
+    ``in_shape`` and ``out_shape`` are one sample's: (features,) or (height, width, channels).
+    """
+
+    units: int  # dense units, conv filters; the output's last axis for the other kinds
     activation: str
     alpha: float  # the leaky_relu slope; 0 for other activations
-    kernel: np.ndarray  # (in, out)
+    kernel: np.ndarray | None  # dense (in, out); conv2d (kh, kw, in, out)
     bias: np.ndarray | None  # (out,), or None for a layer without bias
     line: int | None = None  # where the layer starts in the case file
     layout: str = "kernel"  # how the case file gives the kernel: kernel (in, out) or weight (out, in)
+    kind: str = "dense"
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    window: tuple[int, int] = (1, 1)  # conv2d's kernel_size, a pool's pool_size
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "valid"  # conv2d: valid or same (TensorFlow's rule)
+    epsilon: float = 0.0  # batch_norm, layer_norm
+    momentum: float = 0.0  # batch_norm, Keras's convention: moving <- momentum moving + (1 - momentum) stat
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    moving_mean: np.ndarray | None = None
+    moving_variance: np.ndarray | None = None
+
+    @property
+    def declared(self) -> concepts.LayerType:
+        return concepts.LAYER_TYPES[self.kind]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Its parameters and state by short name (kernel, bias, gamma, ...), in report order."""
+        found = {name: getattr(self, name) for name in self.declared.reported}
+        return {name: value for name, value in found.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -69,12 +98,13 @@ class Case:
     reduction: str
     scale: float
     lr: float
-    inputs: np.ndarray  # (batch, features)
-    targets: np.ndarray  # (batch, outputs)
+    inputs: np.ndarray  # (batch, features) or images (batch, height, width, channels)
+    targets: np.ndarray  # (batch, outputs); class indices (batch,) of integers for a sparse loss
     layers: tuple[Layer, ...]
     engines: tuple[str, ...] | None
     rtol: float
     atol: float
+    loss_params: dict[str, float] = field(default_factory=dict)  # the loss's own parameters (huber's delta)
     expected: Expected | None = None
     lines: dict[tuple, int] = field(default_factory=dict, repr=False)
     known_differences: dict[str, str] = field(default_factory=dict)  # engine -> reason
@@ -83,19 +113,26 @@ class Case:
     steps: int = 1  # updates, each on the same batch; deltas are after the last minus before the first
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """The initial parameters by name, kernels in the (in, out) layout."""
-        params: dict[str, np.ndarray] = {}
-        for i, layer in enumerate(self.layers):
-            params[f"layers.{i}.kernel"] = layer.kernel
-            if layer.bias is not None:
-                params[f"layers.{i}.bias"] = layer.bias
-        return params
+        """The initial parameters and state by name (``layers.<i>.kernel``, ...), kernels in the
+        (in, out) layout (conv2d: (kh, kw, in, out))."""
+        return {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers) for name, value in layer.arrays().items()}
+
+    def trainable(self, param: str) -> bool:
+        """Whether the optimizer updates ``param`` (a moving statistic is changed by the forward pass)."""
+        return param.rsplit(".", 1)[-1] not in STATE_NAMES
+
+    @property
+    def images(self) -> bool:
+        """Whether the inputs are images (batch, height, width, channels)."""
+        return self.inputs.ndim == 4
 
     def with_parameters(self, params: dict[str, np.ndarray]) -> Case:
-        """The same case with other parameter values (by name, kernels (in, out)): the network as it
-        stands before a later step."""
+        """The same case with other parameter and state values (by name, kernels (in, out)): the
+        network as it stands before a later step."""
         layers = tuple(
-            dataclasses.replace(layer, kernel=params[f"layers.{i}.kernel"], bias=params.get(f"layers.{i}.bias", layer.bias))
+            dataclasses.replace(
+                layer, **_changes({name: params.get(f"layers.{i}.{name}", value) for name, value in layer.arrays().items()})
+            )
             for i, layer in enumerate(self.layers)
         )
         return dataclasses.replace(self, layers=layers)
@@ -110,11 +147,27 @@ class Case:
 
     def in_file_layout(self, param: str, array: np.ndarray) -> np.ndarray:
         """An (in, out) array of ``param`` as the case file lays it out (transposed for ``weight``)."""
-        return np.asarray(array).T if self.shown_as(param) != param else np.asarray(array)
+        return as_weight(array) if self.shown_as(param) != param else np.asarray(array)
 
     def line_of(self, path: tuple) -> int | None:
         """The line of ``path`` in the file, or of its nearest enclosing field."""
         return _line_of(self.lines, path)
+
+
+def _changes(values: dict[str, np.ndarray]) -> dict[str, Any]:
+    return values
+
+
+def as_weight(kernel: np.ndarray) -> np.ndarray:
+    """A kernel in PyTorch's layout: dense (in, out) -> (out, in), conv2d (kh, kw, in, out) -> (out, in, kh, kw)."""
+    kernel = np.asarray(kernel)
+    return kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
+
+
+def as_kernel(weight: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`as_weight`: PyTorch's layout back to the Keras one the SPEC reports."""
+    weight = np.asarray(weight)
+    return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
 
 
 def display_path(path: Path) -> str:
@@ -263,7 +316,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _Builder:
+class _Builder(LayerChecks):
     """Turns a schema-valid CaseSpec into a Case, collecting every problem on the way."""
 
     def __init__(self, spec: schema.CaseSpec, lines: dict[tuple, int], known_engines: Iterable[str] | None):
@@ -285,7 +338,7 @@ class _Builder:
 
     def array(self, value: Any, path: tuple, shape: tuple[int | None, ...], what: str) -> np.ndarray | None:
         """A literal or generated array of the expected ``shape`` (None: any size there)."""
-        if isinstance(value, (schema.Uniform, schema.Normal, schema.OneHot)):
+        if isinstance(value, schema.GENERATORS):
             return self.generated(value, path, shape, what)
         return self.literal(value, path, shape, what)
 
@@ -340,6 +393,7 @@ class _Builder:
         if math.prod(drawn) > MAX_ELEMENTS:
             self.problem((*path, "shape"), f"{drawn} is {math.prod(drawn):,} values; at most {MAX_ELEMENTS:,} are allowed")
             return None
+        values: np.ndarray
         if isinstance(gen, schema.Uniform):
             if not gen.low < gen.high:
                 self.problem((*path, "low"), f"expected low < high, found low={gen.low}, high={gen.high}")
@@ -347,6 +401,11 @@ class _Builder:
             values = self.rng.uniform(gen.low, gen.high, size=drawn)
         elif isinstance(gen, schema.Normal):
             values = self.rng.normal(gen.mean, gen.std, size=drawn)
+        elif isinstance(gen, schema.Classes):
+            if self.classes is None:
+                self.problem((*path, "random"), "random: classes draws class indices, the targets of a sparse loss only")
+                return None
+            values = self.rng.integers(0, self.classes, size=drawn)
         else:
             values = np.eye(drawn[-1])[self.rng.integers(0, drawn[-1], size=drawn[:-1])]
         return values.astype(self.dtype)
@@ -355,19 +414,45 @@ class _Builder:
 
     def build(self, file: str, default_name: str) -> Case | None:
         spec = self.spec
-        inputs = self.array(spec.inputs, ("inputs",), (None, None), "(batch, features)")
+        images = takes_images(spec)
+        inputs = self.array(
+            spec.inputs,
+            ("inputs",),
+            (None, None, None, None) if images else (None, None),
+            "(batch, height, width, channels)" if images else "(batch, features)",
+        )
         batch = None if inputs is None else inputs.shape[0]
-        fan_in = None if inputs is None else inputs.shape[1]
-        if inputs is not None and self.check_inputs_width(inputs.shape, spec.layers[0]):
-            batch, fan_in = None, inputs.shape[0]  # blamed on inputs alone: the layer and targets are checked without them
-        last_units = spec.layers[-1].units
-        targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
-        layers: list[Layer | None] = []
-        for i, layer_spec in enumerate(spec.layers):
-            layers.append(self.layer(i, layer_spec, fan_in, batch))
-            fan_in = layer_spec.units if layer_spec.units <= MAX_ELEMENTS else None  # too many: reported once, above
+        sample = None if inputs is None else inputs.shape[1:]
+        if inputs is not None and not images and self.check_inputs_width(inputs.shape, spec.layers[0]):
+            batch, sample = None, inputs.shape[:1]  # blamed on inputs alone: the layer and targets are checked without them
+        shapes = self.shapes(sample)  # each layer's (input, output) shape of one sample, None where unknown
         loss_spec = spec.loss if isinstance(spec.loss, schema.LossSpec) else schema.LossSpec(name=spec.loss)
         declared = concepts.loss(loss_spec.name)
+        out = shapes[-1][1] if shapes and shapes[-1] is not None else None
+        last_units = out[0] if out is not None and len(out) == 1 else (spec.layers[-1].units or spec.layers[-1].filters)
+        if declared.class_indices and (isinstance(spec.targets, schema.OneHot) or _written_shape(spec.targets) is not None):
+            self.problem(
+                ("targets",),
+                f"{declared.name} takes one class index per sample, (batch,): write a list of integers or "
+                "{random: classes}; one-hot rows are categorical_crossentropy's targets",
+            )
+            targets = None
+        elif declared.class_indices:
+            self.classes = last_units
+            targets = self.array(spec.targets, ("targets",), (batch,), "(batch,): one class index per sample")
+            targets = self.class_indices(targets, last_units)
+            self.classes = None
+        else:
+            targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
+        layers: list[Layer | None] = []
+        for i, layer_spec in enumerate(spec.layers):
+            shape = shapes[i] if i < len(shapes) else None
+            if layer_spec.type == "dense":
+                fan_in = shape[0][0] if shape is not None and len(shape[0]) == 1 and shape[0][0] <= MAX_ELEMENTS else None
+                layers.append(self.layer(i, layer_spec, fan_in, batch))
+            else:
+                layers.append(None if shape is None else self.shaped_layer(i, layer_spec, *shape))
+        self.check_loss_params(loss_spec, declared)
         loss_name = declared.name
         needed = declared.last_activation
         if needed and layers and spec.layers[-1].activation_name != needed:
@@ -400,6 +485,10 @@ class _Builder:
             loss=loss_name,
             reduction=loss_spec.reduction,
             scale=loss_spec.scale,
+            loss_params={
+                p.name: float(getattr(loss_spec, p.name) if getattr(loss_spec, p.name) is not None else p.default or 0.0)
+                for p in declared.params
+            },
             lr=spec.lr,
             inputs=inputs,
             targets=targets,
@@ -429,7 +518,7 @@ class _Builder:
         takes, units = declared[::-1] if key == "weight" else declared
         if units != first.units or takes == found[1]:
             return False  # widths agree, or a kernel at odds with its own units: reported on its line alone
-        generated = isinstance(self.spec.inputs, (schema.Uniform, schema.Normal, schema.OneHot))
+        generated = isinstance(self.spec.inputs, schema.GENERATORS)
         path = ("inputs", "shape") if generated else ("inputs",)
         line = _line_of(self.lines, ("layers", 0, key))
         message = (
@@ -447,11 +536,11 @@ class _Builder:
         self.problem(path, message)
         return transposed
 
-    def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
+    def activation(self, i: int, spec: schema.LayerSpec) -> tuple[str, float]:
+        """The layer's activation and its slope, checked against the declaration."""
         path = ("layers", i)
-        activation = (
-            spec.activation if isinstance(spec.activation, schema.ActivationSpec) else schema.ActivationSpec(name=spec.activation)
-        )
+        given = spec.activation or "linear"
+        activation = given if isinstance(given, schema.ActivationSpec) else schema.ActivationSpec(name=given)
         declared = concepts.ACTIVATIONS[activation.name]
         own = {p.name for p in declared.params}
         for param in declared.params:
@@ -470,52 +559,82 @@ class _Builder:
                 )
         if declared.last_layer_only and i != len(self.spec.layers) - 1:
             self.problem((*path, "activation"), f"{declared.name} is supported on the last layer only")
-        alpha = getattr(activation, "alpha", None)
+        return activation.name, float(getattr(activation, "alpha", None) or 0.0)
+
+    def layer(self, i: int, spec: schema.LayerSpec, fan_in: int | None, batch: int | None) -> Layer | None:
+        """A dense layer taking ``fan_in`` features (None: unknown after a problem above it)."""
+        return self.weighted(i, spec, None if fan_in is None else (fan_in,), None if fan_in is None else (spec.units,), batch)
+
+    def weighted(
+        self, i: int, spec: schema.LayerSpec, in_shape: tuple | None, out_shape: tuple | None, batch: int | None
+    ) -> Layer | None:
+        """A dense or conv2d layer: its activation, kernel and bias."""
+        path = ("layers", i)
+        activation, alpha = self.activation(i, spec)
+        units = spec.units if spec.type == "dense" else spec.filters
         if spec.kernel is not None and spec.weight is not None:
-            self.problem((*path, "weight"), "give kernel (in, out) or weight (out, in), not both")
+            self.problem((*path, "weight"), "give kernel (the Keras layout) or weight (the PyTorch layout), not both")
             return None
-        if fan_in is None:
+        if in_shape is None or out_shape is None or units is None:
             return None
-        for size, what in ((fan_in * spec.units, "kernel"), ((batch or 1) * spec.units, "activations")):
+        window = pair(spec.kernel_size) if spec.type == "conv2d" else (1, 1)
+        fan_in = in_shape[-1] * math.prod(window)
+        for size, what in ((fan_in * units, "kernel"), ((batch or 1) * math.prod(out_shape), "activations")):
             if size > MAX_ELEMENTS:
+                field_name = "units" if spec.type == "dense" else "filters"
                 self.problem(
-                    (*path, "units"), f"{spec.units:,} units make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed"
+                    (*path, field_name),
+                    f"{units:,} {field_name} make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed",
                 )
                 return None
-        kernel = self.kernel(path, spec, fan_in)
+        kernel = self.kernel(path, spec, in_shape[-1], units, window)
         if spec.bias is False:
             bias = None
         elif spec.bias is None or spec.bias is True:
-            bias = np.zeros(spec.units, dtype=self.dtype)
+            bias = np.zeros(units, dtype=self.dtype)
         else:
-            bias = self.array(spec.bias, (*path, "bias"), (spec.units,), "(units,)")
+            bias = self.array(spec.bias, (*path, "bias"), (units,), "(units,)" if spec.type == "dense" else "(filters,)")
             if bias is None:
                 return None
         if kernel is None:
             return None
         return Layer(
-            spec.units,
-            activation.name,
-            float(alpha or 0.0),
+            units,
+            activation,
+            alpha,
             kernel,
             bias,
             self.lines.get(path),
             "weight" if spec.weight is not None else "kernel",
+            kind=spec.type,
+            in_shape=tuple(in_shape),
+            out_shape=tuple(out_shape),
+            window=window,
+            strides=pair(spec.strides or 1),
+            padding=spec.padding or "valid",
         )
 
-    def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int) -> np.ndarray | None:
+    def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int, units: int, window: tuple[int, int]) -> np.ndarray | None:
+        conv = spec.type == "conv2d"
         if spec.weight is not None:
-            weight = self.array(
-                spec.weight, (*path, "weight"), (spec.units, fan_in), "(units, inputs of the layer), the PyTorch layout"
+            shape, what = (
+                ((units, fan_in, *window), f"(filters, input channels {fan_in}, kernel height, kernel width), the PyTorch layout")
+                if conv
+                else ((units, fan_in), "(units, inputs of the layer), the PyTorch layout")
             )
-            return None if weight is None else np.ascontiguousarray(weight.T)
+            weight = self.array(spec.weight, (*path, "weight"), shape, what)
+            return None if weight is None else np.ascontiguousarray(as_kernel(weight))
         if spec.kernel is not None:
             if spec.init is not None:
                 self.problem((*path, "init"), "init draws a kernel; this layer gives its kernel already")
-            return self.array(
-                spec.kernel, (*path, "kernel"), (fan_in, spec.units), "(inputs of the layer, units), the Keras layout"
+            shape, what = (
+                ((*window, fan_in, units), f"(kernel height, kernel width, input channels {fan_in}, filters), the Keras layout")
+                if conv
+                else ((fan_in, units), "(inputs of the layer, units), the Keras layout")
             )
-        return _initial_kernel(spec.init or "glorot_uniform", fan_in, spec.units, self.rng).astype(self.dtype)
+            return self.array(spec.kernel, (*path, "kernel"), shape, what)
+        shape = (*window, fan_in, units) if conv else (fan_in, units)
+        return _initial_kernel(spec.init or "glorot_uniform", shape, self.rng).astype(self.dtype)
 
     def expected(self, case: Case, exp: schema.ExpectedSpec) -> Expected:
         params = case.parameters()
@@ -585,9 +704,11 @@ def _tolerance(given: schema.Tolerance | None, default: tuple[float, float]) -> 
     return (default[0] if given.rtol is None else given.rtol, default[1] if given.atol is None else given.atol)
 
 
-def _initial_kernel(init: str, fan_in: int, fan_out: int, rng: np.random.Generator) -> np.ndarray:
-    """Kernel initialisers, named as in Keras (normal ones are not truncated here)."""
-    shape = (fan_in, fan_out)
+def _initial_kernel(init: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Kernel initialisers, named as in Keras (normal ones are not truncated here); a conv kernel's
+    fans count its window: (kh kw in, kh kw out)."""
+    receptive = math.prod(shape[:-2])
+    fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
     fan = {"glorot": (fan_in + fan_out) / 2, "he": fan_in / 2, "lecun": fan_in}
     if init == "zeros":
         return np.zeros(shape)
@@ -607,7 +728,7 @@ def _is_number(value: Any) -> bool:
 
 def _written_shape(value: Any) -> tuple[int, ...] | None:
     """The 2-dimensional shape an array (a kernel, targets) is written with, when it reads as one; else None."""
-    if isinstance(value, (schema.Uniform, schema.Normal, schema.OneHot)):
+    if isinstance(value, schema.GENERATORS):
         return tuple(value.shape) if value.shape is not None and len(value.shape) == 2 else None
     rows = value if isinstance(value, list) and value and all(isinstance(row, list) for row in value) else []
     return (len(rows), len(rows[0])) if rows and len({len(row) for row in rows}) == 1 else None

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, create_model
 
-from ..concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
+from ..concepts import ACTIVATIONS, LAYER_TYPES, LOSS_ALIASES, LOSSES, OPTIMIZERS
 
 # The names come from the declarations (manualprop.concepts), never listed here. Types built at
 # import (these Literals, the models from create_model) are no static types to mypy: where one is
@@ -18,7 +18,10 @@ from ..concepts import ACTIVATIONS, LOSS_ALIASES, LOSSES, OPTIMIZERS
 ActivationName = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 LossName = Literal[(*LOSSES, *LOSS_ALIASES)]  # type: ignore[valid-type]
 InitName = Literal["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros"]
-Shape = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=2)]
+LayerTypeName = Literal[tuple(LAYER_TYPES)]  # type: ignore[valid-type]
+Shape = Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=4)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Pair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
 
 
 class _Strict(BaseModel):
@@ -52,7 +55,15 @@ class OneHot(_Strict):
     shape: Shape | None = None
 
 
-Generated = Annotated[Uniform | Normal | OneHot, Field(discriminator="random")]
+class Classes(_Strict):
+    """Class indices drawn uniformly from 0 .. outputs - 1, one per sample (sparse categorical targets)."""
+
+    random: Literal["classes"]
+    shape: Shape | None = None
+
+
+GENERATORS = (Uniform, Normal, OneHot, Classes)
+Generated = Annotated[Uniform | Normal | OneHot | Classes, Field(discriminator="random")]
 _NUMBERS = {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}
 LiteralArray = Annotated[list, WithJsonSchema(_NUMBERS)]
 
@@ -102,16 +113,25 @@ ActivationValue = Annotated[
 ]
 
 
-class LossSpec(_Strict):
-    """A loss with its reduction and a constant factor on the reduced value."""
+_LOSS_FIELDS: dict[str, Any] = {
+    p.name: (float | None, Field(None, description=p.meaning)) for x in LOSSES.values() for p in x.params
+}
 
-    name: LossName
-    reduction: Literal["mean", "sum"] = "mean"
-    scale: float = 1.0
+# A loss with its reduction, a constant factor on the reduced value and its own parameters
+# (huber's delta); which loss owns which parameter is checked in manualprop.casefile.case.
+LossSpec: type[Any] = create_model(
+    "LossSpec",
+    __base__=_Strict,
+    __doc__="A loss with its reduction and a constant factor on the reduced value.",
+    name=(LossName, ...),
+    reduction=(Literal["mean", "sum"], "mean"),
+    scale=(float, 1.0),
+    **_LOSS_FIELDS,
+)
 
 
 LossValue = Annotated[
-    Annotated[LossName, Tag("by-name")] | Annotated[LossSpec, Tag("by-spec")],
+    Annotated[LossName, Tag("by-name")] | Annotated[LossSpec, Tag("by-spec")],  # type: ignore[valid-type]
     Discriminator(_spec_kind),
 ]
 
@@ -155,18 +175,43 @@ class Tolerance(_Strict):
     atol: Annotated[float, Field(ge=0)] | None = None
 
 
-class LayerSpec(_Strict):
-    """One dense layer: A = activation(A_prev @ kernel + bias)."""
+def _size_kind(value: Any) -> str:
+    return "pair" if isinstance(value, list) else "int"
 
-    units: Annotated[int, Field(gt=0)]
-    activation: ActivationValue = "linear"
-    kernel: ArrayValue | None = Field(None, description="(in, out), the Keras layout")
-    weight: ArrayValue | None = Field(None, description="(out, in), the PyTorch layout")
+
+Size = Annotated[
+    Annotated[PositiveInt, Tag("int")] | Annotated[Pair, Tag("pair")],
+    Discriminator(_size_kind),
+]
+
+
+class LayerSpec(_Strict):
+    """One layer (SPEC section 8); which fields belong to which type, and which it must write,
+    is checked in manualprop.casefile.case against manualprop.concepts.LAYER_TYPES."""
+
+    type: LayerTypeName = "dense"  # type: ignore[valid-type]
+    units: PositiveInt | None = None
+    filters: PositiveInt | None = None
+    kernel_size: Size | None = Field(None, description="an int or [height, width]")
+    strides: Size | None = Field(None, description="an int or [height, width]; pools: default pool_size")
+    padding: Literal["valid", "same"] | None = Field(None, description="valid (default) or same, TensorFlow's rule")
+    pool_size: Size | None = Field(None, description="an int or [height, width]")
+    activation: ActivationValue | None = None
+    kernel: ArrayValue | None = Field(None, description="dense (in, out), conv2d (kh, kw, in, out): the Keras layout")
+    weight: ArrayValue | None = Field(None, description="dense (out, in), conv2d (out, in, kh, kw): the PyTorch layout")
     bias: BiasValue | None = Field(None, description="default zeros; false for no bias")
     init: InitName | None = Field(None, description="how to draw the kernel when none is given")
+    epsilon: Annotated[float, Field(gt=0)] | None = None
+    momentum: Annotated[float, Field(ge=0, lt=1)] | None = Field(None, description="Keras's convention (0.99)")
+    gamma: ArrayValue | None = Field(None, description="default ones")
+    beta: ArrayValue | None = Field(None, description="default zeros")
+    moving_mean: ArrayValue | None = Field(None, description="default zeros")
+    moving_variance: ArrayValue | None = Field(None, description="default ones")
 
     @property
     def activation_name(self) -> str:
+        if self.activation is None:
+            return "linear"
         return self.activation if isinstance(self.activation, str) else self.activation.name
 
 
@@ -205,7 +250,21 @@ class CaseSpec(_Strict):
 
 # Names pydantic puts in an error's location for a union branch, not a field of the file.
 UNION_TAGS = frozenset(
-    {"generated", "literal", "flag", "by-name", "by-spec", "uniform", "normal", "one_hot", "number", "per-step"}
+    {
+        "generated",
+        "literal",
+        "flag",
+        "by-name",
+        "by-spec",
+        "uniform",
+        "normal",
+        "one_hot",
+        "classes",
+        "number",
+        "per-step",
+        "int",
+        "pair",
+    }
 )
 
 FIELD_NAMES = sorted(
@@ -215,6 +274,7 @@ FIELD_NAMES = sorted(
             Uniform,
             Normal,
             OneHot,
+            Classes,
             ActivationSpec,
             LossSpec,
             OptimizerSpec,
@@ -228,7 +288,7 @@ FIELD_NAMES = sorted(
 )
 
 # The keys allowed in a mapping, by the key it sits under (None: the top level, int: a layer).
-_GENERATED_KEYS = sorted({name for model in (Uniform, Normal, OneHot) for name in model.model_fields})
+_GENERATED_KEYS = sorted({name for model in GENERATORS for name in model.model_fields})
 KEYS_UNDER: dict[object, list[str]] = {
     None: list(CaseSpec.model_fields),
     int: list(LayerSpec.model_fields),
@@ -237,7 +297,9 @@ KEYS_UNDER: dict[object, list[str]] = {
     "optimizer": list(OptimizerSpec.model_fields),
     "tolerance": list(Tolerance.model_fields),
     "expected": list(ExpectedSpec.model_fields),
-    **dict.fromkeys(("inputs", "targets", "kernel", "weight", "bias"), _GENERATED_KEYS),
+    **dict.fromkeys(
+        ("inputs", "targets", "kernel", "weight", "bias", "gamma", "beta", "moving_mean", "moving_variance"), _GENERATED_KEYS
+    ),
 }
 
 # What users of other tools write for a field, too far from its name for a spelling match.
@@ -250,9 +312,12 @@ KEY_ALIASES = {
     "use_bias": "bias",
     "b": "bias",
     "out_features": "units",
+    "out_channels": "filters",
+    "pool": "pool_size",
+    "stride": "strides",
+    "eps": "epsilon",
     "kernel_initializer": "init",
     # PyTorch's and Keras's names for the optimizers' hyperparameters (torch.optim, keras.optimizers)
-    "eps": "epsilon",
     "alpha": "rho",  # RMSprop's alpha in PyTorch; under an activation, alpha is a field and never an alias
     "betas": "beta1",
     "beta_1": "beta1",

@@ -1,6 +1,7 @@
-"""The NumPy reference engine: the steps of a dense network, written as the maths reads.
+"""The NumPy reference engine: the steps of a network, written as the maths reads.
 
-Forward, layer by layer::
+Each layer kind's forward and backward is in :mod:`manualprop.reference.layers`; a dense layer's,
+forward::
 
     Z = A_prev @ W + b          A = f(Z)
 
@@ -10,6 +11,7 @@ Backward, from the loss down::
     dW = A_prev.T @ dZ          db = dZ summed over the batch
     dA_prev = dZ @ W.T
 
+A batch_norm layer's moving statistics change in the forward pass of each step (SPEC section 8).
 Update: the case's optimizer (:mod:`manualprop.reference.optimizers`; plain SGD is ``p <- p - lr * dL/dp``),
 once per step, each step on the same batch. Every intermediate is kept in a LayerTrace per layer.
 
@@ -25,23 +27,23 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..casefile.case import Case
+from ..concepts import GRADIENT_FIELD
 from ..engines import LayerTrace, StepRecord, StepResult, filled
 from . import losses
 from .activations import ACTIVATIONS, Activation
+from .layers import KINDS, moving_statistics
 from .losses import LOSSES, Loss
 from .optimizers import OPTIMIZERS, Optimizer
 
 
 def forward(case: Case, acts: Mapping[str, Activation] = ACTIVATIONS) -> list[LayerTrace]:
-    """Z and A for every layer, input side first."""
+    """Every layer's forward quantities (dense: Z and A), input side first."""
     traces = []
     a = case.inputs
     for layer in case.layers:
-        z = a @ layer.kernel
-        if layer.bias is not None:
-            z = z + layer.bias
-        a = acts[layer.activation].forward(z, layer.alpha)
-        traces.append(LayerTrace(Z=z, A=a))
+        trace = LayerTrace()
+        a = KINDS[layer.kind].forward(layer, a, trace, acts)
+        traces.append(trace)
     return traces
 
 
@@ -49,37 +51,37 @@ def loss_value(case: Case, traces: list[LayerTrace], loss_fns: Mapping[str, Loss
     """L = scale * reduce(terms(y, t)), y the output A (or Z for cross-entropy on logits)."""
     loss = loss_fns[case.loss]
     y = filled(traces[-1].Z if loss.on_logits else traces[-1].A)
-    return float(losses.reduce(loss.terms(y, case.targets), case.reduction, case.scale))
+    return float(losses.reduce(loss.terms(y, case.targets, **case.loss_params), case.reduction, case.scale))
 
 
 def backward(
     case: Case, traces: list[LayerTrace], acts: Mapping[str, Activation] = ACTIVATIONS, loss_fns: Mapping[str, Loss] = LOSSES
 ) -> None:
-    """Fill dA, dZ, dW and db of every trace, from the last layer to the first."""
+    """Fill every trace's gradients, from the last layer to the first."""
     loss = loss_fns[case.loss]
     last = traces[-1]
+    y = filled(last.Z if loss.on_logits else last.A)
+    grad = losses.gradient(loss, y, case.targets, case.reduction, case.scale, **case.loss_params)
     if loss.on_logits:
-        last.dZ = losses.gradient(loss, filled(last.Z), case.targets, case.reduction, case.scale)
+        last.dZ = grad
     else:
-        last.dA = losses.gradient(loss, filled(last.A), case.targets, case.reduction, case.scale)
+        last.dA = grad
     for i in reversed(range(len(case.layers))):
-        layer, trace = case.layers[i], traces[i]
-        if trace.dZ is None:
-            trace.dZ = acts[layer.activation].backward(filled(trace.dA), filled(trace.Z), filled(trace.A), layer.alpha)
+        layer = case.layers[i]
         a_prev = filled(traces[i - 1].A) if i > 0 else case.inputs
-        trace.dW = a_prev.T @ trace.dZ
-        trace.db = trace.dZ.sum(axis=0) if layer.bias is not None else None
+        d_prev = KINDS[layer.kind].backward(layer, a_prev, traces[i], acts)
         if i > 0:
-            traces[i - 1].dA = trace.dZ @ layer.kernel.T
+            traces[i - 1].dA = d_prev
 
 
 def gradients(traces: list[LayerTrace]) -> dict[str, np.ndarray]:
-    """dL/dp for every parameter, by name, kernels (in, out)."""
+    """dL/dp for every trainable parameter, by name, kernels (in, out)."""
     grads = {}
     for i, trace in enumerate(traces):
-        grads[f"layers.{i}.kernel"] = filled(trace.dW)
-        if trace.db is not None:
-            grads[f"layers.{i}.bias"] = trace.db
+        for name, field in GRADIENT_FIELD.items():
+            value = getattr(trace, field)
+            if value is not None:
+                grads[f"layers.{i}.{name}"] = value
     return grads
 
 
@@ -93,7 +95,7 @@ def run_steps(
     optimizer = optimizers[case.optimizer]
     initial = case.parameters()
     params = dict(initial)
-    state = {name: optimizer.init(p, case.hyper) for name, p in params.items()}
+    state = {name: optimizer.init(p, case.hyper) for name, p in params.items() if case.trainable(name)}
     history = []
     for t in range(1, case.steps + 1):
         current = case.with_parameters(params) if t > 1 else case
@@ -101,7 +103,9 @@ def run_steps(
         loss = loss_value(current, traces, loss_fns)
         backward(current, traces, acts, loss_fns)
         grads = gradients(traces)
-        updated = {name: optimizer.update(p, grads[name], state[name], t, case.lr, case.hyper) for name, p in params.items()}
+        updated = {name: optimizer.update(params[name], grads[name], state[name], t, case.lr, case.hyper) for name in state}
+        for i, (layer, trace) in enumerate(zip(current.layers, traces, strict=True)):
+            updated.update({f"layers.{i}.{name}": value for name, value in moving_statistics(layer, trace).items()})
         history.append(
             StepRecord(
                 loss,
