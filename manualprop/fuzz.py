@@ -31,6 +31,7 @@ from hypothesis.errors import HypothesisWarning, NoSuchExample
 from . import engines as registry
 from .casefile.case import case_from_data, parse_case
 from .casefile.errors import CaseError
+from .casefile.layers import pair
 from .concepts import ACTIVATIONS, LOSSES, OPTIMIZERS
 from .harness import run_case
 from .reference import variants
@@ -41,7 +42,9 @@ from .verdict.results import CaseResult, failed
 # as Hypothesis shrinks towards the front.
 HIDDEN = [a.name for a in ACTIVATIONS.values() if not a.last_layer_only]
 LAST_ONLY = [a.name for a in ACTIVATIONS.values() if a.last_layer_only]
-PARAMETER_VALUES = {"alpha": [0.5, 0.25, 0.1, 0.01, 0.2, 0.3]}  # per declared parameter, by name
+PARAMETER_VALUES = {"alpha": [0.5, 0.25, 0.1, 0.01, 0.2, 0.3], "delta": [1.0, 0.5, 0.1, 2.0]}  # per declared parameter
+NORM_EPSILONS = [1e-3, 1e-5]
+MOMENTUMS = [0.99, 0.9, 0.5]
 # Per declared optimizer hyperparameter, by name (switches are drawn as booleans); simplest first.
 HYPER_VALUES = {
     "momentum": [0.0, 0.9, 0.5],
@@ -53,10 +56,15 @@ HYPER_VALUES = {
     "initial_accumulator": [0.1, 0.0],
 }
 MAX_STEPS = 5
+ARRAY_KEYS = ("kernel", "weight", "bias", "gamma", "beta", "moving_mean", "moving_variance", "init")
 LEARNING_RATES = [0.1, 1.0, 0.01, 0.5, 1e-3, 1e-4]
 WEIGHT_SCALES = [1.0, 0.5, 0.1, 2.0, 0.01, 3.0]
 LOSS_SCALES = [1.0, 0.5, 2.0, 0.1]
 LEAKY_FLOAT64 = "in float64 TensorFlow rounds leaky_relu's slope to float32 (cases/canaries/keras_float64_leaky_slope.yaml)"
+TORCH_RUNNING_VARIANCE = (
+    "PyTorch's batch norm keeps the unbiased batch variance in running_var "
+    "(cases/canaries/torch_batch_norm_unbiased_running_variance.yaml)"
+)
 TANH_FLOAT32 = (
     "TensorFlow's float32 tanh saturates to exactly 1 from |z| >= 8 and is less accurate near it "
     "(cases/canaries/keras_float32_tanh_saturation.yaml)"
@@ -95,26 +103,86 @@ class _Random:
         return self.rng.random() < 0.5
 
 
+def _activation(choose, last: bool = False, needed: str | None = None) -> str | dict:
+    activation = needed if needed else choose.sampled_from(HIDDEN + (LAST_ONLY if last else []))
+    params = {p.name: choose.sampled_from(PARAMETER_VALUES[p.name]) for p in ACTIVATIONS[activation].params}
+    return {"name": activation, **params} if params else activation
+
+
+def _norm(choose, kind: str) -> dict:
+    """A batch_norm or layer_norm layer's settings (its parameters are generated per case)."""
+    layer: dict = {"type": kind, "epsilon": choose.sampled_from(NORM_EPSILONS)}
+    if kind == "batch_norm":
+        layer["momentum"] = choose.sampled_from(MOMENTUMS)
+    return layer
+
+
+def _image_layers(choose, shape: list[int]) -> list[dict]:
+    """One or two blocks of conv2d, then maybe a pool and a batch norm, each fitting what comes in; then flatten."""
+    layers: list[dict] = []
+    height, width, _ = shape
+    for _ in range(choose.integers(1, 2)):
+        padding = choose.sampled_from(["valid", "same"])
+        limit = 3 if padding == "same" else min(3, height, width)
+        kernel = [choose.integers(1, limit), choose.integers(1, limit)]
+        strides = choose.integers(1, 2)
+        layers.append(
+            {
+                "type": "conv2d",
+                "filters": choose.integers(1, 4),
+                "kernel_size": kernel,
+                "strides": strides,
+                "padding": padding,
+                "activation": _activation(choose),
+                "bias": not choose.booleans(),
+            }
+        )
+        if padding == "same":
+            height, width = -(-height // strides), -(-width // strides)
+        else:
+            height, width = (height - kernel[0]) // strides + 1, (width - kernel[1]) // strides + 1
+        after = choose.sampled_from([None, "max_pool2d", "avg_pool2d", "batch_norm"])
+        if after == "batch_norm":
+            layers.append(_norm(choose, "batch_norm"))
+        elif after is not None:
+            size = [choose.integers(1, min(2, height)), choose.integers(1, min(2, width))]
+            layers.append({"type": after, "pool_size": size})
+            height, width = (height - size[0]) // size[0] + 1, (width - size[1]) // size[1] + 1
+    layers.append({"type": "flatten"})
+    return layers
+
+
 def architecture(choose, optimizers: bool = False) -> dict:
-    """What a compiled model depends on: dtype, loss, its reduction and scale, and the layers."""
+    """What a compiled model depends on: dtype, loss, its reduction, scale and parameters, the input
+    shape and the layers: dense layers, each maybe followed by a norm layer; or images through one
+    or two conv blocks and a flatten first (valid architectures only)."""
     loss = choose.sampled_from(list(LOSSES))
+    declared_loss = LOSSES[loss]
     arch = {
         "dtype": choose.sampled_from(["float64", "float32"]),
-        "loss": {"name": loss, "reduction": choose.sampled_from(["mean", "sum"]), "scale": choose.sampled_from(LOSS_SCALES)},
+        "loss": {
+            "name": loss,
+            "reduction": choose.sampled_from(["mean", "sum"]),
+            "scale": choose.sampled_from(LOSS_SCALES),
+            **{p.name: choose.sampled_from(PARAMETER_VALUES[p.name]) for p in declared_loss.params},
+        },
         "features": choose.integers(1, 16),
         "layers": [],
     }
-    depth = choose.integers(1, 5)
-    needed = LOSSES[loss].last_activation
+    if choose.booleans():  # images
+        arch["features"] = [choose.integers(2, 7), choose.integers(2, 7), choose.integers(1, 3)]
+        arch["layers"] = _image_layers(choose, arch["features"])
+    depth = choose.integers(1, 4 if arch["layers"] else 5)
+    needed = declared_loss.last_activation
     for i in range(depth):
         last = i == depth - 1
-        activation = needed if last and needed else choose.sampled_from(HIDDEN + (LAST_ONLY if last else []))
-        declared = ACTIVATIONS[activation]
-        layer: dict = {"units": choose.integers(1 if declared.elementwise else 2, 16)}  # a softmax of one unit is constant
-        params = {p.name: choose.sampled_from(PARAMETER_VALUES[p.name]) for p in declared.params}
-        layer["activation"] = {"name": activation, **params} if params else activation
-        layer["bias"] = not choose.booleans()
-        arch["layers"].append(layer)
+        activation = _activation(choose, last, needed if last else None)
+        # a softmax of one unit is constant, and so are the classes of a sparse loss over one
+        smallest = 1 if ACTIVATIONS[_name(activation)].elementwise and not (last and declared_loss.class_indices) else 2
+        arch["layers"].append({"units": choose.integers(smallest, 16), "activation": activation, "bias": not choose.booleans()})
+        norm = None if last else choose.sampled_from([None, None, "batch_norm", "layer_norm"])
+        if norm:
+            arch["layers"].append(_norm(choose, norm))
     if optimizers:
         optimizer = OPTIMIZERS[choose.sampled_from(list(OPTIMIZERS))]
         hyper = {
@@ -124,11 +192,56 @@ def architecture(choose, optimizers: bool = False) -> dict:
     return arch
 
 
+def _size(arch: dict) -> tuple:
+    """Simplest first: fewest layers, then the fewest units and filters, then the smallest input."""
+    widths = sum(layer.get("units", layer.get("filters", 0)) for layer in arch["layers"])
+    features = arch["features"] if isinstance(arch["features"], int) else math.prod(arch["features"])
+    return (len(arch["layers"]), widths, features)
+
+
 def pool(size: int, seed: int, optimizers: bool = False) -> list[dict]:
     """``size`` architectures from ``seed``, simplest first (Hypothesis shrinks towards the front)."""
     rng = random.Random(seed)
     found = [architecture(_Random(rng), optimizers) for _ in range(size)]
-    return sorted(found, key=lambda a: (len(a["layers"]), sum(layer["units"] for layer in a["layers"]), a["features"]))
+    return sorted(found, key=_size)
+
+
+def _fan_in(layer: dict, shape: list[int]) -> int:
+    return math.prod(pair(layer["kernel_size"])) * shape[-1] if layer.get("type") == "conv2d" else shape[-1]
+
+
+def _after(layer: dict, shape: list[int]) -> list[int]:
+    """One sample's shape after ``layer`` (the architecture is valid: drawn so)."""
+    kind = layer.get("type", "dense")
+    if kind == "dense":
+        return [layer["units"]]
+    if kind == "flatten":
+        return [math.prod(shape)]
+    if kind in ("conv2d", "max_pool2d", "avg_pool2d"):
+        window = pair(layer.get("kernel_size", layer.get("pool_size")))
+        strides = pair(layer.get("strides"), (1, 1) if kind == "conv2d" else window)
+        if layer.get("padding") == "same":
+            size = [-(-n // stride) for n, stride in zip(shape[:2], strides, strict=True)]
+        else:
+            size = [(n - k) // stride + 1 for n, k, stride in zip(shape[:2], window, strides, strict=True)]
+        return [*size, layer["filters"] if kind == "conv2d" else shape[2]]
+    return shape
+
+
+def _layer_data(spec: dict, fan_in: int, weight_scale: float) -> dict:
+    """A layer of the case file: the architecture's settings and generated parameters."""
+    kind = spec.get("type", "dense")
+    layer = {k: v for k, v in spec.items() if k != "bias"}
+    if kind in ("dense", "conv2d"):
+        layer["kernel"] = {"random": "normal", "std": weight_scale / math.sqrt(fan_in)}
+        layer["bias"] = {"random": "normal", "std": 0.1} if spec["bias"] else False
+    elif kind in ("batch_norm", "layer_norm"):
+        layer["gamma"] = {"random": "normal", "mean": 1.0, "std": 0.5}
+        layer["beta"] = {"random": "normal", "std": 0.1}
+        if kind == "batch_norm":
+            layer["moving_mean"] = {"random": "normal", "std": 0.1}
+            layer["moving_variance"] = {"random": "uniform", "low": 0.5, "high": 1.5}
+    return layer
 
 
 @st.composite
@@ -136,25 +249,20 @@ def case_data(draw, architectures: list[dict] | None = None, optimizers: bool = 
     """The data of a random case file (what safe YAML of one would give): an architecture, drawn
     afresh or from ``architectures``, then the numbers of this case."""
     arch = draw(st.sampled_from(architectures)) if architectures else architecture(_Hypothesis(draw), optimizers)
-    batch = draw(st.integers(1, 32))
+    # PyTorch's batch norm refuses one value per feature in training mode: a batch of two at least there
+    batch = draw(st.integers(2 if any(layer.get("type") == "batch_norm" for layer in arch["layers"]) else 1, 32))
     weight_scale = draw(st.sampled_from(WEIGHT_SCALES))
-    layers, fan_in = [], arch["features"]
+    shape = [arch["features"]] if isinstance(arch["features"], int) else list(arch["features"])
+    layers = []
     for spec in arch["layers"]:
-        layers.append(
-            {
-                "units": spec["units"],
-                "activation": spec["activation"],
-                "kernel": {"random": "normal", "std": weight_scale / math.sqrt(fan_in)},
-                "bias": {"random": "normal", "std": 0.1} if spec["bias"] else False,
-            }
-        )
-        fan_in = spec["units"]
+        layers.append(_layer_data(spec, _fan_in(spec, shape), weight_scale))
+        shape = _after(spec, shape)
     data = {
         "dtype": arch["dtype"],
         "seed": draw(st.integers(0, 2**32 - 1)),
         "loss": dict(arch["loss"]),
         "lr": draw(st.sampled_from(LEARNING_RATES)),
-        "inputs": {"random": "uniform", "shape": [batch, arch["features"]], "low": -1.0, "high": 1.0},
+        "inputs": {"random": "uniform", "shape": [batch, *np.atleast_1d(arch["features"]).tolist()], "low": -1.0, "high": 1.0},
         "targets": {"random": LOSSES[arch["loss"]["name"]].targets},
         "layers": layers,
     }
@@ -165,9 +273,12 @@ def case_data(draw, architectures: list[dict] | None = None, optimizers: bool = 
 
 def with_known_conventions(data: dict) -> dict:
     """Declare the documented differences a case may run into (the canaries), so that they are
-    not findings. Coarse on purpose: a float32 case with a tanh layer excuses Keras whether or not
-    a unit saturates; the canaries pin each convention exactly."""
+    not findings. Coarse on purpose for Keras: a float32 case with a tanh layer excuses Keras whether
+    or not a unit saturates; the canaries pin each convention exactly. PyTorch's running variance is
+    excused on the moving variances alone: torch is compared on everything else."""
+    known: dict = {}
     optimizer = data.get("optimizer")
+    pinned = []
     if optimizer is not None:  # Keras's own update formulas where no setting gives the SPEC's (manualprop.reference.variants)
         hyper = OPTIMIZERS[optimizer["name"]].settings(optimizer)
         pinned = [
@@ -175,14 +286,17 @@ def with_known_conventions(data: dict) -> dict:
             for v in variants.VARIANTS
             if v.optimizer == optimizer["name"] and v.differs(hyper) and "cases/canaries/" in v.pinned
         ]
-        if pinned:
-            return {**data, "known_differences": {"keras": f"{pinned[0].who}: {pinned[0].formula} ({pinned[0].pinned})"}}
-    alphas = [layer["activation"]["alpha"] for layer in data["layers"] if isinstance(layer["activation"], dict)]
-    if data["dtype"] == "float64" and any(float(np.float32(a)) != a for a in alphas):
-        return {**data, "known_differences": {"keras": LEAKY_FLOAT64}}
-    if data["dtype"] == "float32" and any(layer["activation"] == "tanh" for layer in data["layers"]):
-        return {**data, "known_differences": {"keras": TANH_FLOAT32}}
-    return data
+    alphas = [layer["activation"]["alpha"] for layer in data["layers"] if isinstance(layer.get("activation"), dict)]
+    if pinned:
+        known["keras"] = f"{pinned[0].who}: {pinned[0].formula} ({pinned[0].pinned})"
+    elif data["dtype"] == "float64" and any(float(np.float32(a)) != a for a in alphas):
+        known["keras"] = LEAKY_FLOAT64
+    elif data["dtype"] == "float32" and any(layer.get("activation") == "tanh" for layer in data["layers"]):
+        known["keras"] = TANH_FLOAT32
+    variances = [f"layers.{i}.moving_variance" for i, layer in enumerate(data["layers"]) if layer.get("type") == "batch_norm"]
+    if variances:
+        known["torch"] = {"reason": TORCH_RUNNING_VARIANCE, "params": variances}
+    return {**data, "known_differences": known} if known else data
 
 
 def to_yaml(data: dict) -> str:
@@ -263,8 +377,9 @@ class Runner:
 
 def _smaller(data: dict):
     """Candidate cases one step simpler than ``data``: fewer steps, a layer fewer, a plain loss, one
-    unit, one sample, one feature. Each is a valid case (generated arrays follow the new shapes);
-    the optimizer stays (a difference often lives in it), but its steps go down to the fewest."""
+    unit or filter, one sample, one feature. Generated arrays follow the new shapes; a candidate that
+    is no valid case (a flatten removed between a conv and a dense layer) is simply not taken. The
+    optimizer stays (a difference often lives in it), but its steps go down to the fewest."""
     layers, loss = data["layers"], data["loss"]
     if data.get("steps", 1) > 1:
         yield {**data, "steps": 1}
@@ -273,20 +388,21 @@ def _smaller(data: dict):
     for i in range(len(layers)):
         if len(layers) > 1:
             rest = [layer for j, layer in enumerate(layers) if j != i]
-            if LOSSES[loss["name"]].last_activation in (None, rest[-1]["activation"]):
+            if LOSSES[loss["name"]].last_activation in (None, _name(rest[-1].get("activation", "linear"))):
                 yield {**data, "layers": rest}
             else:
                 yield {**data, "layers": rest, "loss": plain_loss, "targets": {"random": "normal"}}
-    if loss != plain_loss and _name(layers[-1]["activation"]) not in LAST_ONLY:
+    if loss != plain_loss and _name(layers[-1].get("activation", "linear")) not in LAST_ONLY:
         yield {**data, "loss": plain_loss, "targets": {"random": "normal"}}
     for i, layer in enumerate(layers):
-        smallest = 1 if ACTIVATIONS[_name(layer["activation"])].elementwise else 2
-        if layer["units"] > smallest:
-            yield {**data, "layers": [*layers[:i], {**layer, "units": smallest}, *layers[i + 1 :]]}
-    batch, features = data["inputs"]["shape"]
+        key = "units" if "units" in layer else "filters" if "filters" in layer else None
+        smallest = 1 if ACTIVATIONS[_name(layer.get("activation", "linear"))].elementwise else 2
+        if key and layer[key] > smallest:
+            yield {**data, "layers": [*layers[:i], {**layer, key: smallest}, *layers[i + 1 :]]}
+    batch, *sample = data["inputs"]["shape"]
     if batch > 1:
-        yield {**data, "inputs": {**data["inputs"], "shape": [1, features]}}
-    if features > 1:
+        yield {**data, "inputs": {**data["inputs"], "shape": [1, *sample]}}
+    if len(sample) == 1 and sample[0] > 1:
         yield {**data, "inputs": {**data["inputs"], "shape": [batch, 1]}}
 
 
@@ -314,13 +430,17 @@ def simplify_numbers(data: dict, still_fails: Callable[[dict], bool]) -> dict:
     explicit["inputs"] = case.inputs.astype(np.float64).tolist()
     explicit["targets"] = case.targets.astype(np.float64).tolist()
     explicit["layers"] = []
-    for spec, layer in zip(data["layers"], case.layers, strict=True):
-        entry = {"units": spec["units"], "activation": spec["activation"], "kernel": layer.kernel.astype(np.float64).tolist()}
-        entry["bias"] = False if layer.bias is None else layer.bias.astype(np.float64).tolist()
+    slots: list[tuple] = [("inputs",), ("targets",)]
+    for i, (spec, layer) in enumerate(zip(data["layers"], case.layers, strict=True)):
+        entry = {key: value for key, value in spec.items() if key not in ARRAY_KEYS}
+        arrays = layer.arrays()
+        entry.update({name: value.astype(np.float64).tolist() for name, value in arrays.items()})
+        if spec.get("bias") is False:
+            entry["bias"] = False
         explicit["layers"].append(entry)
+        slots += [("layers", i, name) for name in arrays]
     if not still_fails(explicit):  # the float32 cast changed something: keep the generated form
         return data
-    slots = [("inputs",), ("targets",)] + [("layers", i, key) for i in range(len(case.layers)) for key in ("kernel", "bias")]
     for slot in slots:
         original = _get(explicit, slot)
         if original is False:

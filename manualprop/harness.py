@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 from . import engines
 from .casefile.case import Case, closest, display_path, load_case
 from .casefile.errors import CaseError, format_path
+from .concepts import GRADIENT_FIELD
 from .engines import StepResult
 from .verdict import conditioning
 from .verdict.compare import Comparison, compare, missing
@@ -259,7 +260,7 @@ def _rounding(
     and the smallest taken, so that an engine whose slip inflates its own estimate does not
     excuse itself."""
     reference = runs.get("numpy")
-    own = [run for run in pair if run.engine not in (engines.ORACLE, "numpy") and _traced(run.output)]
+    own = [run for run in pair if run.engine not in (engines.ORACLE, "numpy") and _traced(case, run.output)]
     if reference is not None and reference.status == Status.RAN:
         own.append(reference)
     estimates = []
@@ -272,11 +273,20 @@ def _rounding(
     return {name: np.minimum.reduce([np.asarray(e[name]) for e in estimates]) for name in estimates[0]}
 
 
-def _traced(result: StepResult) -> bool:
-    """Whether every step of a run holds its whole trace already (a layer's Z, A and gradients)."""
+def _traced(case: Case, result: StepResult) -> bool:
+    """Whether every step of a run holds its whole trace already: each layer's output, and the
+    gradient of each of its trainable parameters."""
     history = result.history or []
+    needed = [[GRADIENT_FIELD[name] for name in layer.declared.params if name in layer.arrays()] for layer in case.layers]
     return bool(history) and all(
-        record.has_trace and record.trace and all(t.dW is not None for t in record.trace) for record in history
+        record.has_trace
+        and record.trace
+        and len(record.trace) == len(needed)
+        and all(
+            t.A is not None and all(getattr(t, f) is not None for f in fields)
+            for t, fields in zip(record.trace, needed, strict=True)
+        )
+        for record in history
     )
 
 

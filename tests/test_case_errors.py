@@ -526,8 +526,8 @@ def test_unknown_activation(old, new, words):
     "old, new, field, words",
     [
         ("loss: mse", "loss: mse2", "loss", ("'mse2'", "'mse'", "'categorical_crossentropy'")),
-        ("loss: mse", "loss: binary_crossentropy", "loss", ("'binary_crossentropy'", "'mae'")),
-        ("loss: mse", "loss: {name: huber}", "loss.name", ("'huber'", "'cce'")),
+        ("loss: mse", "loss: hinge", "loss", ("'hinge'", "'mae'")),
+        ("loss: mse", "loss: {name: kl_divergence}", "loss.name", ("'kl_divergence'", "'cce'")),
         ("loss: mse", "loss: {reduction: sum}", "loss.name", ("missing required field 'name'",)),
         ("loss: mse", "loss: {name: mse, reduction: avg}", "loss.reduction", ("'mean'", "'sum'", "'avg'")),
         ("loss: mse", "loss: {name: mse, reduction: none}", "loss.reduction", ("'mean'", "'none'")),

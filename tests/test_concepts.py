@@ -113,3 +113,52 @@ def test_every_optimizer_has_its_update_in_every_engine():
     assert set(OPTIMIZER_SETTINGS) == set(concepts.OPTIMIZERS)
     for table in (optimizers.OPTIMIZERS, updates.UPDATES, torch_engine.OPTIMIZER, keras_engine.OPTIMIZER):
         assert set(table) == set(concepts.OPTIMIZERS)
+
+
+# One small network per declared layer type (SPEC section 8), the type between layers that feed and read it.
+LAYER_CASES = {
+    "dense": ("[3, 4]", "{units: 3, activation: tanh}"),
+    "conv2d": ("[2, 5, 4, 2]", "{type: conv2d, filters: 2, kernel_size: [3, 2], strides: 2, padding: same, activation: tanh}"),
+    "max_pool2d": ("[2, 4, 5, 2]", "{type: max_pool2d, pool_size: [2, 3], strides: 1}"),
+    "avg_pool2d": ("[2, 4, 5, 2]", "{type: avg_pool2d, pool_size: 2}"),
+    "flatten": ("[2, 3, 2, 2]", "{type: flatten}"),
+    "batch_norm": ("[4, 3]", "{type: batch_norm, epsilon: 1.0e-3, momentum: 0.9, gamma: {random: normal, mean: 1}}"),
+    "layer_norm": ("[3, 4]", "{type: layer_norm, epsilon: 1.0e-3, beta: {random: normal, std: 0.1}}"),
+}
+
+
+def layer_case(kind: str) -> str:
+    shape, layer = LAYER_CASES[kind]
+    images = concepts.LAYER_TYPES[kind].takes == "images"
+    flatten = "  - {type: flatten}\n" if images else ""
+    return f"""
+name: {kind}
+dtype: float64
+loss: mse
+lr: 0.1
+inputs: {{random: normal, shape: {shape}}}
+targets: {{random: normal}}
+layers:
+  - {layer}
+{flatten}  - {{units: 2, activation: linear}}
+"""
+
+
+def test_every_layer_type_has_a_case_here():
+    assert set(LAYER_CASES) == set(concepts.LAYER_TYPES)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", list(concepts.LAYER_TYPES))
+def test_every_layer_type_runs_in_every_engine(engine, kind):
+    """Each engine runs every layer type and agrees with the finite-difference oracle, except
+    PyTorch's running variance (unbiased: the one known difference, asserted to show exactly there)."""
+    case = parse_case(layer_case(kind), f"{kind}.yaml")
+    if engine == "torch" and kind == "batch_norm":
+        if importlib.util.find_spec("torch") is None:
+            pytest.skip("torch is not installed")
+        result = harness.run_case(case, ["torch", "numeric"])
+        assert result.runs["torch"].status == "ran", result.runs["torch"].reason
+        assert {c.param for c in result.comparisons if results.failed(c)} == {"layers.0.moving_variance"}
+        return
+    check(engine, case)

@@ -74,8 +74,54 @@ def test_the_pool_is_the_same_for_the_same_seed_and_simplest_first():
 
     first, again = pool(8, 42), pool(8, 42)
     assert first == again and len(first) == 8
-    sizes = [(len(a["layers"]), sum(layer["units"] for layer in a["layers"])) for a in first]
+    sizes = [(len(a["layers"]), sum(layer.get("units", layer.get("filters", 0)) for layer in a["layers"])) for a in first]
     assert sizes == sorted(sizes)
+
+
+def test_the_fuzzer_draws_every_layer_type_and_loss_in_valid_cases():
+    """Every declared layer type and loss is drawn, and every drawn case loads (valid architectures only)."""
+    from hypothesis import HealthCheck, given, settings
+
+    from manualprop import concepts
+    from manualprop.casefile.case import case_from_data
+    from manualprop.fuzz import case_data
+
+    kinds, losses = set(), set()
+
+    @settings(max_examples=300, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case_data(None, True))
+    def draw(data):
+        case = case_from_data(data, "fuzz.yaml")  # raises CaseError on an invalid architecture
+        kinds.update(layer.kind for layer in case.layers)
+        losses.add(case.loss)
+
+    draw()
+    assert kinds == set(concepts.LAYER_TYPES)
+    assert losses == set(concepts.LOSSES)
+
+
+@pytest.fixture
+def flatten_channels_first(monkeypatch):
+    """The NumPy engine's flatten in (c, h, w) order, the PyTorch porting slip."""
+    from manualprop.reference import layers
+
+    def forward(layer, a_prev, trace, acts):
+        trace.A = a_prev.transpose(0, 3, 1, 2).reshape(a_prev.shape[0], -1)
+        return trace.A
+
+    def backward(layer, a_prev, trace, acts):
+        n, h, w, c = a_prev.shape
+        return trace.dA.reshape(n, c, h, w).transpose(0, 2, 3, 1)
+
+    monkeypatch.setitem(layers.KINDS, "flatten", layers.Kind(forward, backward))
+
+
+@needs_framework
+def test_fuzz_finds_a_flatten_in_the_other_order(flatten_channels_first, tmp_path):
+    summary = fuzz(60, 5, tmp_path, ["numpy", FRAMEWORK], optimizers=False)
+    assert summary.findings
+    data = yaml.safe_load(summary.findings[0].path.read_text())
+    assert any(layer.get("type") == "flatten" for layer in data["layers"])
 
 
 def test_a_hundred_random_cases_raise_no_false_alarm(tmp_path):

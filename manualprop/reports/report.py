@@ -67,12 +67,9 @@ def case_json(result: CaseResult) -> dict:
         "verdict": result.verdict,
         "compared": result.compared,
         **({"not_compared": result.why_not_compared()} if result.verdict == Verdict.NOT_COMPARED else {}),
-        # Every array here is (in, out) (SPEC section 2); this says how the case file wrote each kernel.
-        "layout": {
-            param: "weight (out, in)" if case.shown_as(param) != param else "kernel (in, out)"
-            for param in case.parameters()
-            if param.endswith(".kernel")
-        },
+        # Every kernel here is (in, out), a conv2d's (kh, kw, in, out) (SPEC sections 2 and 8); this
+        # says how the case file wrote each kernel.
+        "layout": {param: _layout(case, param) for param in case.parameters() if param.endswith(".kernel")},
         "worst": None if worst is None else {"ratio": worst.worst_ratio, "param": worst.param, "a": worst.a, "b": worst.b},
         "dtype": case.dtype.name,
         "engines": {name: _engine_json(run) for name, run in result.runs.items()},
@@ -82,6 +79,13 @@ def case_json(result: CaseResult) -> dict:
         "notes": result.notes,
         "diagnosis": None if result.diagnosis is None else result.diagnosis.to_json(),
     }
+
+
+def _layout(case, param: str) -> str:
+    conv = case.parameters()[param].ndim == 4
+    if case.shown_as(param) != param:
+        return "weight (out, in, kh, kw)" if conv else "weight (out, in)"
+    return "kernel (kh, kw, in, out)" if conv else "kernel (in, out)"
 
 
 def build(results: Iterable[CaseResult], environment: dict, label: str | None = None) -> dict:
