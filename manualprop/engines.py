@@ -158,6 +158,10 @@ class Engine(Protocol):
     the loss, backpropagation and one update ``p <- p - lr * dL/dp`` on the whole batch, and
     returns a :class:`StepResult` whose deltas use the parameter names and the (in, out)
     kernel layout of the SPEC, in the case's dtype.
+
+    Optionally, ``refuses(case)`` returns why the framework itself cannot run a valid case (PyTorch's
+    batch norm over one value per feature), or None: the run is then a skip with that reason, not
+    a crash.
     """
 
     name: str
@@ -165,6 +169,12 @@ class Engine(Protocol):
     def unavailable(self) -> str | None: ...
 
     def step(self, case: Case) -> StepResult: ...
+
+
+def refusal(engine: object, case: Case) -> str | None:
+    """Why ``engine`` cannot run ``case`` (its optional ``refuses``), or None."""
+    refuses = getattr(engine, "refuses", None)
+    return refuses(case) if callable(refuses) else None
 
 
 BUILTIN: dict[str, str] = {

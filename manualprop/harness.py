@@ -86,7 +86,7 @@ def select_engines(case: Case, requested: Iterable[str] | None = None) -> list[s
 def run_engine(case: Case, name: str) -> EngineRun:
     """One step of ``case`` in engine ``name``; a missing framework is a skip, a crash an error."""
     engine = engines.get(name)
-    reason = engine.unavailable()
+    reason = engine.unavailable() or engines.refusal(engine, case)
     if reason:
         return EngineRun(name, Status.SKIPPED, reason=reason)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ def case_text(activation: str, loss: str) -> str:
     hidden, top = (written, last) if not declared.last_layer_only else ("tanh", written)
     if declared_loss.last_activation:
         top = declared_loss.last_activation
-    targets = "{random: one_hot}" if declared_loss.targets == "one_hot" else "{random: normal}"
+    targets = f"{{random: {declared_loss.targets}}}"
     return f"""
 name: {activation}-{loss}
 dtype: float64
