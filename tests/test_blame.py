@@ -246,16 +246,16 @@ def test_a_crash_is_a_finding_everywhere(faulty, tmp_path, capsys):
     report = tmp_path / "r.json"
     assert cli.main(["run", str(path), "--engines", "numpy,crashes-in-backward", "--json", str(report)]) == 1
     out = _unmutated(capsys.readouterr().out)
-    assert "crashes-in-backward crashed in backward (engine.py:" in out and "ValueError" in out
+    assert "crashes-in-backward crashed in dense_backward (layers.py:" in out and "ValueError" in out
     d = _diagnosis(report)
     assert (
         d["quantity"] == "crash"
         and d["engine"] == "crashes-in-backward"
-        and "in backward (engine.py:" in _unmutated(d["sentence"])
+        and "in dense_backward (layers.py:" in _unmutated(d["sentence"])
     )
     assert cli.main(["explain", str(path), "--engines", "numpy,crashes-in-backward,not-installed"]) == 1
     out = _unmutated(capsys.readouterr().out)
-    assert "crashes-in-backward did not run (error): crashed in backward (engine.py:" in out
+    assert "crashes-in-backward did not run (error): crashed in dense_backward (layers.py:" in out
     assert 'not-installed did not run (skipped): its framework is missing: pip install "not-installed"' in out
 
 
@@ -279,7 +279,7 @@ def test_pytest_reports_a_crash_with_where_it_happened(faulty, tmp_path):
         timeout=300,
     )
     assert done.returncode == 1, done.stdout
-    assert "crashes-in-backward crashed in backward (engine.py:" in done.stdout
+    assert "crashes-in-backward crashed in dense_backward (layers.py:" in done.stdout
 
 
 def test_one_engine_against_the_oracle_alone_gets_a_diagnosis(faulty):

@@ -91,7 +91,8 @@ def drift(
     """How far dL/dp may move when the parameters move anywhere within ``radius`` of ``params``.
 
     ``gradient_at(params)`` gives (gradient, uncertainty) per parameter, ``here`` is its value at
-    ``params``. Two probes move every parameter by K * radius, one with every sign +, one with
+    ``params`` (it may hold other functions of the parameters too, as batch_norm's batch
+    statistics: each is bounded the same way, by its name). Two probes move every parameter by K * radius, one with every sign +, one with
     seeded random signs, K a power of two that brings the widest move to ``PROBE`` (1 + |p|) (at
     least 1); the change of the gradient over K estimates H (radius * signs), H the Hessian. The
     bound is ``SPREAD sqrt(n_eff)`` times the larger change, n_eff = (sum r)^2 / sum r^2 the
@@ -102,15 +103,15 @@ def drift(
     """
     widest = max((float(np.max(r / (1 + np.abs(params[name])))) for name, r in radius.items()), default=0.0)
     if not np.isfinite(widest):  # parameters that may lie anywhere: so may the gradient
-        return {name: 0 * r + gmpy2.inf() for name, r in radius.items()}
+        return {name: 0 * value + gmpy2.inf() for name, (value, _) in here.items()}
     if not widest > 0:
-        return {name: 0 * r for name, r in radius.items()}
+        return {name: 0 * value for name, (value, _) in here.items()}
     scale = gmpy2.mpfr(2) ** max(0, int(np.floor(np.log2(PROBE / widest))))
     sizes = np.concatenate([to_float64(r).ravel() for r in radius.values()])
     sizes = sizes / sizes.max() if sizes.max() > 0 else np.ones_like(sizes)
     spread = SPREAD * float(np.sqrt(sizes.sum() ** 2 / np.square(sizes).sum()))
     rng = np.random.default_rng(seed)
-    change = {name: 0 * r for name, r in radius.items()}
+    change = {name: 0 * value for name, (value, _) in here.items()}
     noise = dict(change)
     for random_signs in (False, True):
         signs = {
@@ -121,4 +122,4 @@ def drift(
             other, other_error = moved[name]
             change[name] = np.maximum(change[name], np.abs(other - grad) / scale)
             noise[name] = np.maximum(noise[name], (error + other_error) / scale)
-    return {name: spread * change[name] + noise[name] for name in radius}
+    return {name: spread * change[name] + noise[name] for name in here}
