@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike
 from ..casefile.case import Case
 from ..engines import StepResult
 from .compare import compare, tolerated
-from .computation import Quantity, Step, comparable, result_of, value
+from .computation import Quantity, Step, comparable, describe, result_of, value
 
 if TYPE_CHECKING:
     from .results import EngineRun
@@ -42,7 +42,21 @@ BEFORE = {
     "dW": "forward agrees; ",
     "db": "forward agrees; ",
     "dA": "forward agrees; ",
+    "mean": "",
+    "var": "the mean agrees; ",
+    "xhat": "the mean and the variance agree; ",
+    "dxhat": "forward agrees; ",
+    "dgamma": "forward agrees; ",
+    "dbeta": "forward agrees; ",
     "delta": "every intermediate agrees; ",
+}
+# How a sentence names a quantity, where its label alone does not say it.
+NAMED = {
+    "delta": "the delta",
+    "mean": "the batch mean",
+    "var": "the variance",
+    "xhat": "x^ (the normalized input)",
+    "dxhat": "dx^",
 }
 
 
@@ -151,9 +165,9 @@ def diagnose(case: Case, runs: list[EngineRun], oracle: EngineRun | None) -> Dia
         values = {r.engine: v for r in runs if (v := value(r, step)) is not None}
         precise = value(oracle, step) if oracle is not None else None
         if len(values) + (precise is not None) < 2 or (
-            precise is not None and np.shape(precise) != np.shape(next(iter(values.values()), precise))
+            precise is not None and all(np.shape(precise) != np.shape(v) for v in values.values())
         ):
-            continue
+            continue  # nothing to hold against another, or an oracle that keeps it in a shape of its own
         together = {(a, b): agree(case, step, values[a], values[b]) for a, b in combinations(values, 2)}
         stated = uncertainty(oracle, step) if oracle is not None and precise is not None else 0.0  # the oracle's own error
         off = [] if precise is None else [n for n in values if not agree(case, step, values[n], precise, stated)]
@@ -213,21 +227,33 @@ def _blame(values: dict, together: dict, off: list[str], have_oracle: bool) -> _
 def where(case: Case, step: Step) -> str:
     """The place a quantity belongs to, in the case's terms: a parameter, the loss, or a layer and its line."""
     if step.label == "delta":
-        return case.shown_as(step.field)
+        i = moving_layer(case, step)
+        line = case.line_of(("layers", i)) if i is not None else None
+        if i is None:
+            return case.shown_as(step.field)
+        return f"{step.field} (layer {i}, {case.layers[i].kind}" + (f", line {line})" if line else ")")
     if step.culprit_layer is None:
         return "the loss"
     i = step.culprit_layer
     layer = case.layers[i]
     line = case.line_of(("layers", i))
-    name = layer.activation if layer.activation != "leaky_relu" else f"leaky_relu {layer.alpha:g}"
+    name = describe(layer) if layer.kind != "dense" or layer.activation != "leaky_relu" else f"leaky_relu {layer.alpha:g}"
     return f"layer {i} ({name}" + (f", line {line})" if line else ")")
+
+
+def moving_layer(case: Case, step: Step) -> int | None:
+    """The layer whose forward pass changes a moving statistic, for the delta of one; else None
+    (a trainable parameter's delta is the optimizer's)."""
+    if step.label != "delta" or case.trainable(step.field) or not step.field.startswith("layers."):
+        return None
+    return int(step.field.split(".")[1])
 
 
 def _describe(case: Case, q: Quantity, verdict: _Verdict, values: dict, distance: dict, runs: list, oracle) -> Diagnosis:
     from . import hints
 
     step, meaning = q.at, q.meaning
-    what = {"delta": "the delta", "dA": f"dA (passed down to layer {step.layer})"}.get(step.label, step.label)
+    what = {**NAMED, "dA": f"dA (passed down to layer {step.layer})"}.get(step.label, step.label)
     who = (
         f"in {verdict.blamed}"
         if verdict.blamed
@@ -236,8 +262,9 @@ def _describe(case: Case, q: Quantity, verdict: _Verdict, values: dict, distance
     when = ""
     if step.step is not None and case.steps > 1:
         when = f"step {step.step + 1} of {case.steps}" + (", the steps before it agreeing, " if step.step else ", ")
-    sentence = f"{when}{where(case, step)}: {BEFORE.get(step.label, '')}{what} differs first {who}: {meaning}"
-    layer = step.culprit_layer
+    before = q.before if q.before is not None else BEFORE.get(step.label, "")
+    sentence = f"{when}{where(case, step)}: {before}{what} differs first {who}: {meaning}"
+    layer = step.culprit_layer if step.label != "delta" else moving_layer(case, step)
     line = case.line_of(("layers", layer)) if layer is not None else None
     agreeing = [n for n in values if n != verdict.blamed] if verdict.blamed else []
     result = Diagnosis(step.label, layer, verdict.blamed, agreeing, line, sentence, distance, step=step)
@@ -287,7 +314,7 @@ def diagnose_expected(
             exp.rtol,
             exp.atol,
             batch=case.inputs.shape[0],
-            outputs=case.targets.shape[1],
+            outputs=case.targets.shape[1] if case.targets.ndim == 2 else 1,
             scale=case.scale,
             layout=layout,
         )

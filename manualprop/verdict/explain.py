@@ -4,7 +4,9 @@ For each layer, the forward tensors (Z, A), then the loss, then backward from th
 (dA, dZ, dW, db), then the update (the updated parameters and the deltas), each engine side by
 side: the walk of :func:`manualprop.verdict.computation.walk`, the one ``diagnose`` searches, with each
 quantity's heading and formula. The first divergence, if any, is marked. ``--markdown`` gives
-the same as Markdown.
+the same as Markdown. An array of three or more axes (a batch of images, a conv kernel, a norm's
+statistics per position) is shown as its shape and its axes' names, then one 2-D grid per image
+and channel (h x w) or per kernel input and filter (kh x kw), the channels side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Section:
     values: dict[str, np.ndarray | None]
     divergence: str | None = None  # "first divergence: in keras"
     step: Step | None = None  # the quantity of the walk it shows
+    dims: tuple[str, ...] = ()  # the names of its axes (images, conv kernels): shown grid by grid
 
 
 def sections(result: CaseResult) -> list[Section]:
@@ -48,7 +51,7 @@ def sections(result: CaseResult) -> list[Section]:
             shown["expected"] = q.expected
         if q.present is not None:
             shown = {n: None if v is None else q.present(v) for n, v in shown.items()}
-        out.append(Section(q.heading, q.formula, shown, mark, q.at))
+        out.append(Section(q.heading, q.formula, shown, mark, q.at, q.dims))
     return out
 
 
@@ -57,9 +60,39 @@ def not_run(result: CaseResult) -> list[str]:
     return [f"{name} did not run ({run.status}): {run.reason}" for name, run in result.runs.items() if run.status != Status.RAN]
 
 
-def _array_text(a: np.ndarray | None, precision: int) -> str:
+def _array_text(a: np.ndarray | None, precision: int, dims: tuple[str, ...] = ()) -> str:
+    """An array as numbers; an array of three or more axes (an image batch, a conv kernel) as a
+    line with its shape, then its 2-D grids (h x w, kh x kw) side by side along its last other axis
+    (the channels of each sample, the filters of each input channel)."""
     if a is None:
         return "-"
+    a = np.asarray(a)
+    if a.ndim <= 2:
+        return _numbers(a, precision)
+    names = dims if len(dims) == a.ndim else tuple(f"axis {k}" for k in range(a.ndim))
+    grid = [k for k, n in enumerate(names) if n in ("h", "w", "kh", "kw")] or [a.ndim - 2, a.ndim - 1]
+    others = [k for k in range(a.ndim) if k not in grid]
+    down, across = others[:-1], others[-1]
+    lines = [
+        f"shape {a.shape} = ({', '.join(names)}): {' x '.join(names[k] for k in grid)} grids"
+        + (f", per {', '.join(names[k] for k in down)}" if down else "")
+        + f", {names[across]} by {names[across]} across"
+    ]
+    moved = np.moveaxis(a, [*others, *grid], range(a.ndim))  # down axes, the across axis, then the grid
+    for index in np.ndindex(*moved.shape[: len(down)]):
+        blocks = [_numbers(moved[(*index, j)], precision).splitlines() for j in range(moved.shape[len(down)])]
+        width = max(len(line) for block in blocks for line in block)
+        heads = [f"{names[across]} {j}" for j in range(len(blocks))]
+        width = max(width, *(len(h) for h in heads))
+        if down:
+            lines.append(", ".join(f"{names[k]} {i}" for k, i in zip(down, index, strict=True)) + ":")
+        lines.append("  ".join(h.ljust(width) for h in heads).rstrip())
+        for row in range(max(len(b) for b in blocks)):
+            lines.append("  ".join((b[row] if row < len(b) else "").ljust(width) for b in blocks).rstrip())
+    return "\n".join(lines)
+
+
+def _numbers(a: np.ndarray, precision: int) -> str:
     return np.array2string(np.asarray(a), precision=precision, suppress_small=False, max_line_width=10_000, floatmode="fixed")
 
 
@@ -99,7 +132,7 @@ def render_terminal(result: CaseResult, precision: int = 8):
             title += f"   [red]<- {escape(s.divergence)}[/red]"
         parts.append(title)
         for engine, v in s.values.items():
-            text = _array_text(v, precision).splitlines()
+            text = _array_text(v, precision, s.dims).splitlines()
             parts.append("\n".join(f"  {(engine if k == 0 else ''):<{width}}  {escape(line)}" for k, line in enumerate(text)))
     return Group(*parts)
 
@@ -126,6 +159,6 @@ def render_markdown(result: CaseResult, precision: int = 8) -> str:
     for s in sections(result):
         lines += [f"## {s.heading}" + (f" ⟵ **{s.divergence}**" if s.divergence else ""), "", f"`{s.formula}`", ""]
         for engine, v in s.values.items():
-            lines += [f"{engine}:", "```", _array_text(v, precision), "```"]
+            lines += [f"{engine}:", "```", _array_text(v, precision, s.dims), "```"]
         lines.append("")
     return "\n".join(lines)

@@ -5,7 +5,14 @@ loss-reduction factor only when the loss or its gradient is the first quantity t
 update factor only when every intermediate agrees, a slope at the activation, a framework's own
 optimizer formula (:mod:`manualprop.reference.variants`) at the delta when the case replayed with it gives
 the blamed engine's deltas (that hint then stands alone: a factor between the deltas is the
-formula's). A constant factor
+formula's). The layers' classic slips are found the same way, where they start: a conv, flatten or
+norm layer's forward quantity (Z, A, mean, var, x^) recomputed from the input the engines agree on
+with each variant of :func:`manualprop.reference.variants.layer_variants` (a kernel in the other layout,
+the padding on the other side, flatten in (c, h, w) order, a norm's epsilon at the other framework's
+default, ...), and batch_norm's moving statistics updated from the agreed batch statistics in
+PyTorch's conventions (:data:`~manualprop.reference.variants.MOVING_VARIANTS`: the momentum the other
+way round, the unbiased running variance); a variant that gives the blamed engine's value, and
+not the others', is named, alone. A constant factor
 is named only when it differs from 1 by far more than the tolerance (100 times rtol), with the
 parameters or the quantity it holds on; it is estimated from the elements whose value is large
 against the dtype's rounding, so that float32 rounding of small deltas does not hide it.
@@ -18,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..casefile.case import Case
+from ..casefile.case import Case, as_kernel, as_weight
 from ..concepts import LOSSES
+from ..engines import filled
 from ..reference import variants
 from .compare import DEFAULT_TOLERANCE, compare
 from .diagnose import Step, value
@@ -59,7 +67,7 @@ def _noise(case: Case, step: Step, reference: np.ndarray) -> np.ndarray | float:
 
 def _factors(case: Case, step: Step) -> list[tuple[float, str]]:
     """The factors a slip at ``step`` usually produces, each with the slip."""
-    batch, outputs = case.inputs.shape[0], case.targets.shape[1]
+    batch, outputs = case.inputs.shape[0], case.targets.shape[1] if case.targets.ndim == 2 else 1
     if step.label == "delta":
         return [
             (-1.0, "a sign flip: the update adds lr * g instead of subtracting it"),
@@ -149,13 +157,13 @@ def _ratio_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRu
 
 def _layout_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
     """A kernel used transposed (Z = A_prev @ W.T + b), or a delta reported transposed."""
-    if step.label == "Z" and step.layer is not None:
-        layer = case.layers[step.layer]
+    if step.label == "Z" and step.layer is not None and case.layers[step.layer].kind == "dense":
+        layer, kernel = case.layers[step.layer], filled(case.layers[step.layer].kernel)
         a_prev = case.inputs if step.layer == 0 else value(reference, Step("A", step.layer - 1, "A"))
         mine = value(culprit, step)
-        if a_prev is None or mine is None or layer.kernel.shape[0] != layer.kernel.shape[1]:
+        if a_prev is None or mine is None or kernel.shape[0] != kernel.shape[1]:
             return []
-        transposed = a_prev.astype(np.float64) @ layer.kernel.T.astype(np.float64) + (0 if layer.bias is None else layer.bias)
+        transposed = a_prev.astype(np.float64) @ kernel.T.astype(np.float64) + (0 if layer.bias is None else layer.bias)
         if compare("Z", "a", mine, "b", transposed, case.rtol, case.atol).ok:
             return [
                 f"layer {step.layer}: {culprit.engine} computes Z with the kernel transposed: the weights loaded in the "
@@ -165,10 +173,17 @@ def _layout_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineR
     if step.label != "delta":
         return []
     a, b = np.asarray(culprit.output.deltas.get(step.field)), np.asarray(reference.output.deltas.get(step.field))
-    if a.ndim == 2 and a.T.shape == b.shape and np.allclose(a.T, b, rtol=case.rtol * 10, atol=case.atol * 10):
+    close = lambda x, y: x.shape == y.shape and np.allclose(x, y, rtol=case.rtol * 10, atol=case.atol * 10)  # noqa: E731
+    if a.ndim == 2 and close(a.T, b):
         return [
             f"{case.shown_as(step.field)}: {culprit.engine}'s delta matches after transposing: a layout slip, "
             "(out, in) where (in, out) belongs, or the reverse"
+        ]
+    if a.ndim == 4 and b.ndim == 4 and (close(as_kernel(a), b) or close(a, as_weight(b).reshape(b.shape))):
+        how = "transposing it" if close(as_kernel(a), b) else "reading it as an (out, in, kh, kw) array reshaped"
+        return [
+            f"{case.shown_as(step.field)}: {culprit.engine}'s delta matches after {how}: a layout slip, the conv "
+            "kernel's (out, in, kh, kw) where (kh, kw, in, out) belongs"
         ]
     return []
 
@@ -215,10 +230,12 @@ def _saturation_hint(case: Case, step: Step, culprit: EngineRun, reference: Engi
 
 
 def _cross_entropy_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
-    if not LOSSES[case.loss].on_logits or step.label not in ("loss gradient", "dW", "db", "delta"):
+    declared = LOSSES[case.loss]
+    if not declared.on_logits or step.label not in ("loss gradient", "dW", "db", "delta"):
         return []
     found = []
-    if not np.allclose(case.targets.sum(axis=1), 1.0):
+    one_hot = declared.last_activation == "softmax" and not declared.class_indices
+    if one_hot and not np.allclose(case.targets.sum(axis=1), 1.0):
         found.append(
             "the targets do not sum to 1 per sample: the gradient of -sum(t log softmax(z)) is p * sum(t) - t; "
             "TensorFlow's softmax cross-entropy uses p - t whatever the sum"
@@ -278,10 +295,114 @@ def _optimizer_hints(case: Case, step: Step, culprit: EngineRun, reference: Engi
     return found
 
 
-RULES = [_optimizer_hints, _ratio_hints, _layout_hints, _leaky_hint, _saturation_hint, _cross_entropy_hints]
+def _before(case: Case, run: EngineRun, k: int | None) -> dict[str, np.ndarray]:
+    """The parameters and moving statistics as ``run`` had them before step ``k`` (the first: the case's)."""
+    params = {n: p.astype(np.float64) for n, p in case.parameters().items()}
+    for record in run.output.history[: k or 0]:
+        params = {n: p + record.deltas[n] if n in record.deltas else p for n, p in params.items()}
+    return params
+
+
+def _layer_input(case: Case, i: int, k: int | None, runs: list[EngineRun]) -> np.ndarray | None:
+    """What layer ``i`` took in at step ``k``: the inputs, or the layer below's A as the first of ``runs`` gives it."""
+    if i == 0:
+        return case.inputs
+    return next((a for run in runs if (a := value(run, Step("A", i - 1, "A", step=k))) is not None), None)
+
+
+SHOWN = {"xhat": "x^", "var": "variance", "mean": "batch mean"}
+
+
+def _layer_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
+    """A forward quantity of a conv, flatten or norm layer that follows one of the classic slips
+    (:func:`manualprop.reference.variants.layer_variants`): the layer recomputed with the slip from
+    the input the engines agree on gives the culprit's value, and lies outside the tolerance of the
+    reference's."""
+    if step.layer is None or step.label not in ("Z", "A", "mean", "var", "xhat"):
+        return []
+    i, k = step.layer, step.step
+    mine, theirs = value(culprit, step), value(reference, step)
+    a_prev = _layer_input(case, i, k, [reference, culprit])
+    if mine is None or a_prev is None:
+        return []
+    layer = case.with_parameters({n: p.astype(case.dtype) for n, p in _before(case, reference, k).items()}).layers[i]
+    found = []
+    for slip, trace in variants.layer_variants(layer, np.asarray(a_prev).astype(case.dtype)):
+        recomputed = getattr(trace, step.field)
+        if recomputed is None or not compare(step.field, "a", mine, "b", recomputed, case.rtol, case.atol).ok:
+            continue
+        if theirs is not None and compare(step.field, "a", recomputed, "b", theirs, case.rtol, case.atol).ok:
+            continue  # the slip gives the SPEC's value here: it explains nothing
+        found.append(f"layer {i}: {culprit.engine}'s {SHOWN.get(step.label, step.label)} follows {slip}")
+    return found
+
+
+def _moving_hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
+    """batch_norm's moving statistics updated in another convention
+    (:data:`manualprop.reference.variants.MOVING_VARIANTS`): from the batch statistics the engines agree
+    on, the variant's change gives the culprit's on every moving statistic it reports."""
+    if step.label != "delta" or case.trainable(step.field) or not step.field.startswith("layers."):
+        return []
+    if step.step is None and case.steps > 1:
+        return []  # the change over every step: the first step that differs says more
+    i, k = int(step.field.split(".")[1]), step.step
+    layer = case.layers[i]
+    stats = {}
+    for name in ("mean", "var"):
+        given = [value(run, Step(name, i, name, step=k)) for run in (reference, culprit)]
+        stats[name] = next((s for s in given if s is not None), None)
+    a_prev = _layer_input(case, i, k, [reference, culprit])
+    if a_prev is not None and (stats["mean"] is None or stats["var"] is None):
+        axes = tuple(range(np.ndim(a_prev) - 1))
+        stats = {"mean": np.mean(a_prev, axis=axes), "var": np.var(a_prev, axis=axes)}
+    if stats["mean"] is None or stats["var"] is None:
+        return []
+    n = int(case.inputs.shape[0] * np.prod(layer.in_shape[:-1]))
+    before = _before(case, culprit, k)
+    names = {stat: f"layers.{i}.{stat}" for stat in ("moving_mean", "moving_variance")}
+    mine = {stat: value(culprit, Step("delta", None, name, step=k)) for stat, name in names.items()}
+    theirs = value(reference, step)
+    found = []
+    for variant in variants.MOVING_VARIANTS:
+        after = variant.update(
+            layer.momentum,
+            before[names["moving_mean"]],
+            before[names["moving_variance"]],
+            np.asarray(stats["mean"], dtype=np.float64),
+            np.asarray(stats["var"], dtype=np.float64),
+            n,
+        )
+        change = {stat: after[stat] - before[name] for stat, name in names.items()}
+        follows = [
+            compare(name, "a", reported, "b", change[stat], case.rtol, case.atol, reference=before[name]).ok
+            for stat, name in names.items()
+            if (reported := mine[stat]) is not None
+        ]
+        own = change[step.field.rsplit(".", 1)[1]]
+        if not follows or not all(follows):
+            continue
+        if (
+            theirs is not None
+            and compare(step.field, "a", own, "b", theirs, case.rtol, case.atol, reference=before[step.field]).ok
+        ):
+            continue  # the variant gives the SPEC's change here: it explains nothing
+        found.append(f"layer {i}: {culprit.engine}'s moving statistics follow {variant.slip(layer.momentum, n)}")
+    return found
+
+
+RULES = [
+    _optimizer_hints,
+    _layer_hints,
+    _moving_hints,
+    _ratio_hints,
+    _layout_hints,
+    _leaky_hint,
+    _saturation_hint,
+    _cross_entropy_hints,
+]
 # Rules whose hint reproduces the difference itself: when one fits, the patterns the others look
 # for (a factor between two deltas, say) are that formula's and are left out.
-EXPLAINING = (_optimizer_hints,)
+EXPLAINING = (_optimizer_hints, _layer_hints, _moving_hints)
 
 
 def hints(case: Case, step: Step, culprit: EngineRun, reference: EngineRun) -> list[str]:
