@@ -399,6 +399,9 @@ def _smaller(data: dict):
         smallest = 1 if ACTIVATIONS[_name(layer.get("activation", "linear"))].elementwise else 2
         if key and layer[key] > smallest:
             yield {**data, "layers": [*layers[:i], {**layer, key: smallest}, *layers[i + 1 :]]}
+    flatten = next((i for i, layer in enumerate(layers) if layer.get("type") == "flatten"), None)
+    if flatten is not None and flatten + 1 < len(layers):  # images to features: the dense part alone
+        yield {**data, "layers": layers[flatten + 1 :], "inputs": {**data["inputs"], "shape": [data["inputs"]["shape"][0], 1]}}
     batch, *sample = data["inputs"]["shape"]
     if batch > 1:
         yield {**data, "inputs": {**data["inputs"], "shape": [1, *sample]}}

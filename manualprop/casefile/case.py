@@ -26,7 +26,7 @@ from .. import concepts
 from ..verdict.compare import DEFAULT_TOLERANCE, EXPECTED_TOLERANCE
 from . import schema, yamlsafe
 from .errors import CaseError, Problem, format_path
-from .layers import LayerChecks, pair, takes_images
+from .layers import LayerChecks, pair, takes_images, written_shape
 
 MAX_ELEMENTS = 10_000_000  # per array, generated or implied by a layer's size
 PARAM_NAME = re.compile(r"^layers\.(\d+)\.(kernel|bias|weight|gamma|beta|moving_mean|moving_variance)$")
@@ -108,6 +108,7 @@ class Case:
     expected: Expected | None = None
     lines: dict[tuple, int] = field(default_factory=dict, repr=False)
     known_differences: dict[str, str] = field(default_factory=dict)  # engine -> reason
+    known_params: dict[str, tuple[str, ...]] = field(default_factory=dict)  # engine -> the only parameters it differs on
     optimizer: str = "sgd"  # a name declared in manualprop.concepts.OPTIMIZERS
     hyper: dict[str, float | bool] = field(default_factory=dict)  # every hyperparameter of the optimizer, defaults filled in
     steps: int = 1  # updates, each on the same batch; deltas are after the last minus before the first
@@ -258,18 +259,31 @@ def _problem_from_pydantic(error: dict, lines: dict[tuple, int]) -> Problem:
     elif kind == "missing":
         message = f"missing required field {loc[-1]!r}"
     elif kind == "union_tag_not_found":
-        message = "a generated array needs `random: uniform`, `random: normal` or `random: one_hot`"
+        message = (
+            "a generated array needs `random: uniform`, `random: normal` or `random: one_hot` "
+            "(`random: classes` for a sparse loss's targets)"
+        )
     elif kind == "union_tag_invalid":
         message = (
-            f"expected random: uniform, normal or one_hot, found {found.get('random')!r}"
+            f"expected random: uniform, normal or one_hot (classes: a sparse loss's targets), found {found.get('random')!r}"
             if isinstance(found, dict)
             else error["msg"]
         )
-    elif kind == "list_type" and loc and loc[-1] in ("inputs", "targets", "kernel", "weight", "bias"):
+    elif kind == "list_type" and loc and loc[-1] in ("inputs", "targets", *schema.ARRAY_FIELDS):
         message = f"expected a list of numbers or a {{random: ...}} mapping, found {_show(found)}"
     else:
         message = f"{_lower_first(error['msg'])}, found {_show(found)}"
+        if kind == "literal_error" and isinstance(found, str):
+            choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+            close = closest(found, choices, schema.VALUE_ALIASES.get(loc[-1]))
+            message += f"; did you mean {close!r}?" if close else ""
+        elif kind in _BOUNDS and len(loc) > 2 and loc[0] == "layers" and loc[2] in schema.LayerSpec.model_fields:
+            meaning = schema.LayerSpec.model_fields[loc[2]].description
+            message += f" ({meaning})" if meaning else ""
     return Problem(loc, message, _line_of(lines, loc))
+
+
+_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
 
 
 def _suggested_key(loc: tuple) -> str | None:
@@ -419,7 +433,10 @@ class _Builder(LayerChecks):
             spec.inputs,
             ("inputs",),
             (None, None, None, None) if images else (None, None),
-            "(batch, height, width, channels)" if images else "(batch, features)",
+            "(batch, height, width, channels)"
+            if images
+            else "(batch, features)"
+            + ("; images are (batch, height, width, channels)" if len(written_shape(spec.inputs) or ()) == 3 else ""),
         )
         batch = None if inputs is None else inputs.shape[0]
         sample = None if inputs is None else inputs.shape[1:]
@@ -429,7 +446,8 @@ class _Builder(LayerChecks):
         loss_spec = spec.loss if isinstance(spec.loss, schema.LossSpec) else schema.LossSpec(name=spec.loss)
         declared = concepts.loss(loss_spec.name)
         out = shapes[-1][1] if shapes and shapes[-1] is not None else None
-        last_units = out[0] if out is not None and len(out) == 1 else (spec.layers[-1].units or spec.layers[-1].filters)
+        # a network that ends with images is reported in shapes(): its targets are not blamed too
+        last_units = (out[0] if len(out) == 1 else None) if out is not None else spec.layers[-1].units
         if declared.class_indices and (isinstance(spec.targets, schema.OneHot) or _written_shape(spec.targets) is not None):
             self.problem(
                 ("targets",),
@@ -444,6 +462,7 @@ class _Builder(LayerChecks):
             self.classes = None
         else:
             targets = self.array(spec.targets, ("targets",), (batch, last_units), "(batch, units of the last layer)")
+            self.probabilities(targets, declared)
         layers: list[Layer | None] = []
         for i, layer_spec in enumerate(spec.layers):
             shape = shapes[i] if i < len(shapes) else None
@@ -497,11 +516,24 @@ class _Builder(LayerChecks):
             rtol=rtol,
             atol=atol,
             lines=self.lines,
-            known_differences=dict(spec.known_differences or {}),
+            known_differences={
+                name: value if isinstance(value, str) else value.reason for name, value in (spec.known_differences or {}).items()
+            },
+            known_params={
+                name: tuple(value.params)
+                for name, value in (spec.known_differences or {}).items()
+                if isinstance(value, schema.KnownDifference)
+            },
             optimizer=optimizer,
             hyper=hyper,
             steps=spec.steps,
         )
+        for engine, params in case.known_params.items():
+            for j, param in enumerate(params):
+                if param not in case.parameters():
+                    close = closest(param, case.parameters())
+                    hint = f"; did you mean {close!r}?" if close else ""
+                    self.problem(("known_differences", engine, "params", j), f"no parameter named {param!r}{hint}")
         expected = self.expected(case, spec.expected) if spec.expected is not None else None
         if self.problems:
             return None
@@ -573,7 +605,8 @@ class _Builder(LayerChecks):
         activation, alpha = self.activation(i, spec)
         units = spec.units if spec.type == "dense" else spec.filters
         if spec.kernel is not None and spec.weight is not None:
-            self.problem((*path, "weight"), "give kernel (the Keras layout) or weight (the PyTorch layout), not both")
+            keras, torch = ("(kh, kw, in, out)", "(out, in, kh, kw)") if spec.type == "conv2d" else ("(in, out)", "(out, in)")
+            self.problem((*path, "weight"), f"give kernel {keras} or weight {torch}, not both")
             return None
         if in_shape is None or out_shape is None or units is None:
             return None
@@ -587,7 +620,8 @@ class _Builder(LayerChecks):
                     f"{units:,} {field_name} make {size:,} {what} values; at most {MAX_ELEMENTS:,} are allowed",
                 )
                 return None
-        kernel = self.kernel(path, spec, in_shape[-1], units, window)
+        source = self.gives(i, in_shape) if spec.type == "conv2d" else ""
+        kernel = self.kernel(path, spec, in_shape[-1], units, window, source)
         if spec.bias is False:
             bias = None
         elif spec.bias is None or spec.bias is True:
@@ -614,34 +648,64 @@ class _Builder(LayerChecks):
             padding=spec.padding or "valid",
         )
 
-    def kernel(self, path: tuple, spec: schema.LayerSpec, fan_in: int, units: int, window: tuple[int, int]) -> np.ndarray | None:
+    def kernel(
+        self, path: tuple, spec: schema.LayerSpec, fan_in: int, units: int, window: tuple[int, int], source: str = ""
+    ) -> np.ndarray | None:
+        """The layer's kernel in the Keras layout, from ``kernel``, ``weight`` or its initialiser;
+        ``source`` says where a conv2d's input channels come from."""
         conv = spec.type == "conv2d"
+        keras_shape = (*window, fan_in, units) if conv else (fan_in, units)
+        torch_shape = (units, fan_in, *window) if conv else (units, fan_in)
         if spec.weight is not None:
-            shape, what = (
-                ((units, fan_in, *window), f"(filters, input channels {fan_in}, kernel height, kernel width), the PyTorch layout")
+            what = (
+                "(filters, input channels, kernel height, kernel width), the PyTorch layout"
                 if conv
-                else ((units, fan_in), "(units, inputs of the layer), the PyTorch layout")
+                else "(units, inputs of the layer), the PyTorch layout"
             )
-            weight = self.array(spec.weight, (*path, "weight"), shape, what)
+            if conv and self.conv_shape(spec.weight, (*path, "weight"), torch_shape, keras_shape, what, source):
+                return None
+            weight = self.array(spec.weight, (*path, "weight"), torch_shape, what)
             return None if weight is None else np.ascontiguousarray(as_kernel(weight))
         if spec.kernel is not None:
             if spec.init is not None:
                 self.problem((*path, "init"), "init draws a kernel; this layer gives its kernel already")
-            shape, what = (
-                ((*window, fan_in, units), f"(kernel height, kernel width, input channels {fan_in}, filters), the Keras layout")
+            what = (
+                "(kernel height, kernel width, input channels, filters), the Keras layout"
                 if conv
-                else ((fan_in, units), "(inputs of the layer, units), the Keras layout")
+                else "(inputs of the layer, units), the Keras layout"
             )
-            return self.array(spec.kernel, (*path, "kernel"), shape, what)
-        shape = (*window, fan_in, units) if conv else (fan_in, units)
-        return _initial_kernel(spec.init or "glorot_uniform", shape, self.rng).astype(self.dtype)
+            if conv and self.conv_shape(spec.kernel, (*path, "kernel"), keras_shape, torch_shape, what, source):
+                return None
+            return self.array(spec.kernel, (*path, "kernel"), keras_shape, what)
+        return _initial_kernel(spec.init or "glorot_uniform", keras_shape, self.rng).astype(self.dtype)
+
+    def conv_shape(self, value: Any, path: tuple, shape: tuple[int, ...], other: tuple[int, ...], what: str, source: str) -> bool:
+        """Report a conv2d kernel written in the other framework's layout (``kernel`` given as
+        (out, in, kh, kw), ``weight`` as (kh, kw, in, out)), or one whose input channels are not
+        those coming in; True if it was either."""
+        found = written_shape(value)
+        if found is None or found == shape or len(found) != len(shape):
+            return False
+        at = (*path, "shape") if isinstance(value, schema.GENERATORS) else path
+        axis = 1 if path[-1] == "weight" else 2  # the input channels' axis
+        expected = f"expected shape {_show_shape(shape)} = {what}, found {found}"
+        if found == other:
+            key, meant = path[-1], "weight" if path[-1] == "kernel" else "kernel"
+            layout = "(kh, kw, in, out), the Keras layout" if meant == "kernel" else "(out, in, kh, kw), the PyTorch layout"
+            self.problem(at, f"{expected}: that is {layout}; write it as `{meant}:` instead of `{key}:`")
+        elif all(f == s for j, (f, s) in enumerate(zip(found, shape, strict=True)) if j != axis):
+            self.problem(at, f"{expected}: it takes {_many(found[axis], 'input channel')}, but {source}")
+        else:
+            return False
+        return True
 
     def expected(self, case: Case, exp: schema.ExpectedSpec) -> Expected:
         params = case.parameters()
         names = [
-            f"layers.{i}.{kind}"
+            f"layers.{i}.{name}"
             for i, layer in enumerate(case.layers)
-            for kind in ("kernel", "weight", *(("bias",) if layer.bias is not None else ()))
+            for key in layer.arrays()
+            for name in ((key, "weight") if key == "kernel" else (key,))
         ]
         tables: dict[str, dict[str, np.ndarray]] = {"updated": {}, "deltas": {}}
         given_as: dict[tuple[str, str], str] = {}
@@ -655,18 +719,32 @@ class _Builder(LayerChecks):
                     self.problem(path, f"no parameter named {name!r}; valid names: {', '.join(names)}{hint}")
                     continue
                 index, kind = int(match[1]), match[2]
-                key = f"layers.{index}.{'bias' if kind == 'bias' else 'kernel'}"
+                key = f"layers.{index}.{'kernel' if kind == 'weight' else kind}"
                 if key not in params:
-                    self.problem(path, f"layer {index} has no bias (bias: false), so {name} cannot be checked")
+                    layer = case.layers[index]
+                    why = (
+                        "has no bias (bias: false)"
+                        if kind == "bias" and layer.kernel is not None
+                        else f"({layer.kind}) has no {kind}"
+                    )
+                    self.problem(path, f"layer {index} {why}, so {name} cannot be checked")
                     continue
-                target = params[key].shape if kind != "weight" else params[key].shape[::-1]
+                target = params[key].shape if kind != "weight" else as_weight(params[key]).shape
                 array = self.literal(
-                    value, path, target, f"the shape of {key}" + (" in the (out, in) layout" if kind == "weight" else "")
+                    value,
+                    path,
+                    target,
+                    f"the shape of {key}"
+                    + (
+                        f" in the PyTorch layout {'(out, in, kh, kw)' if len(target) == 4 else '(out, in)'}"
+                        if kind == "weight"
+                        else ""
+                    ),
                 )
                 if array is not None:
                     if key in tables[section]:
                         self.problem(path, f"{key} is given twice (as kernel and as weight)")
-                    tables[section][key] = array.T if kind == "weight" else array
+                    tables[section][key] = as_kernel(array) if kind == "weight" else array
                     given_as[(section, key)] = name
         rtol, atol = _tolerance(exp.tolerance, EXPECTED_TOLERANCE)
         if isinstance(exp.loss, list) and len(exp.loss) != case.steps:

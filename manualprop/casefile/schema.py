@@ -64,7 +64,17 @@ class Classes(_Strict):
 
 GENERATORS = (Uniform, Normal, OneHot, Classes)
 Generated = Annotated[Uniform | Normal | OneHot | Classes, Field(discriminator="random")]
-_NUMBERS = {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}
+
+
+def _nested(depth: int) -> dict:
+    """A list of numbers, or of such lists, down to ``depth`` levels (images and conv kernels: 4)."""
+    inner: dict = {"type": "number"}
+    for _ in range(depth):
+        inner = {"type": "array", "items": inner if inner["type"] == "number" else {"anyOf": [{"type": "number"}, inner]}}
+    return inner
+
+
+_NUMBERS = _nested(4)
 LiteralArray = Annotated[list, WithJsonSchema(_NUMBERS)]
 
 
@@ -201,8 +211,12 @@ class LayerSpec(_Strict):
     weight: ArrayValue | None = Field(None, description="dense (out, in), conv2d (out, in, kh, kw): the PyTorch layout")
     bias: BiasValue | None = Field(None, description="default zeros; false for no bias")
     init: InitName | None = Field(None, description="how to draw the kernel when none is given")
-    epsilon: Annotated[float, Field(gt=0)] | None = None
-    momentum: Annotated[float, Field(ge=0, lt=1)] | None = Field(None, description="Keras's convention (0.99)")
+    epsilon: Annotated[float, Field(gt=0)] | None = Field(None, description="added to the variance, > 0")
+    momentum: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None,
+        description="in [0, 1), Keras's convention: moving <- momentum moving + (1 - momentum) batch statistic, "
+        "so PyTorch's momentum 0.1 is 0.9 here",
+    )
     gamma: ArrayValue | None = Field(None, description="default ones")
     beta: ArrayValue | None = Field(None, description="default zeros")
     moving_mean: ArrayValue | None = Field(None, description="default zeros")
@@ -213,6 +227,19 @@ class LayerSpec(_Strict):
         if self.activation is None:
             return "linear"
         return self.activation if isinstance(self.activation, str) else self.activation.name
+
+
+class KnownDifference(_Strict):
+    """A documented difference confined to some parameters: the engine is compared as usual on the rest."""
+
+    reason: Annotated[str, Field(min_length=1)]
+    params: Annotated[list[str], Field(min_length=1)]
+
+
+KnownValue = Annotated[
+    Annotated[Annotated[str, Field(min_length=1)], Tag("by-name")] | Annotated[KnownDifference, Tag("by-spec")],
+    Discriminator(_spec_kind),
+]
 
 
 class ExpectedSpec(_Strict):
@@ -243,10 +270,15 @@ class CaseSpec(_Strict):
     engines: Annotated[list[str], Field(min_length=1)] | None = None
     tolerance: Tolerance | None = None
     expected: ExpectedSpec | None = None
-    known_differences: dict[str, Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="engine -> the documented reason it diverges on this case (strict: it must diverge)"
+    known_differences: dict[str, KnownValue] | None = Field(
+        None,
+        description="engine -> the documented reason it diverges on this case (strict: it must diverge), "
+        "or {reason: ..., params: [...]}: it diverges on those parameters only",
     )
 
+
+# A layer's fields that hold arrays, literal or generated.
+ARRAY_FIELDS = ("kernel", "weight", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 
 # Names pydantic puts in an error's location for a union branch, not a field of the file.
 UNION_TAGS = frozenset(
@@ -279,6 +311,7 @@ FIELD_NAMES = sorted(
             LossSpec,
             OptimizerSpec,
             Tolerance,
+            KnownDifference,
             LayerSpec,
             ExpectedSpec,
             CaseSpec,
@@ -297,9 +330,7 @@ KEYS_UNDER: dict[object, list[str]] = {
     "optimizer": list(OptimizerSpec.model_fields),
     "tolerance": list(Tolerance.model_fields),
     "expected": list(ExpectedSpec.model_fields),
-    **dict.fromkeys(
-        ("inputs", "targets", "kernel", "weight", "bias", "gamma", "beta", "moving_mean", "moving_variance"), _GENERATED_KEYS
-    ),
+    **dict.fromkeys(("inputs", "targets", *ARRAY_FIELDS), _GENERATED_KEYS),
 }
 
 # What users of other tools write for a field, too far from its name for a spelling match.
@@ -323,6 +354,21 @@ KEY_ALIASES = {
     "beta_1": "beta1",
     "beta_2": "beta2",
     "initial_accumulator_value": "initial_accumulator",
+}
+
+
+# What users of PyTorch and Keras write for a name, by the field it is written in, too far from
+# ours for a spelling match (a spelling suggestion lowercases the word first).
+VALUE_ALIASES: dict[str, dict[str, str]] = {
+    "type": {
+        "linear": "dense",  # torch.nn.Linear
+        "maxpooling2d": "max_pool2d",  # keras.layers.MaxPooling2D
+        "averagepooling2d": "avg_pool2d",
+        "batchnormalization": "batch_norm",
+        "batchnorm1d": "batch_norm",  # torch.nn.BatchNorm1d
+        "batchnorm2d": "batch_norm",
+        "layernormalization": "layer_norm",
+    },
 }
 
 

@@ -111,18 +111,27 @@ def is_known(c: Comparison) -> bool:
 
 
 def mark_known(case: Case, comparisons: list[Comparison]) -> list[Comparison]:
-    """Failed comparisons involving an engine the case declares as different become known ones."""
-    return [
-        replace(c, extra={**c.extra, "known": True}) if not c.ok and ({c.a, c.b} & set(case.known_differences)) else c
-        for c in comparisons
-    ]
+    """Failed comparisons involving an engine the case declares as different become known ones
+    (only on the parameters the declaration names, when it names some)."""
+    return [replace(c, extra={**c.extra, "known": True}) if not c.ok and _declared(case, c) else c for c in comparisons]
+
+
+def _declared(case: Case, c: Comparison) -> bool:
+    return any(
+        name in (c.a, c.b) and (name not in case.known_params or c.param in case.known_params[name])
+        for name in case.known_differences
+    )
 
 
 def vanished_differences(case: Case, result: CaseResult) -> dict[str, str]:
     """Known differences that did not show (strict, like pytest's xfail), by engine: each a change to look at."""
     notes = {}
     for name, reason in case.known_differences.items():
-        involved = [c for c in [*result.comparisons, *result.expected] if name in (c.a, c.b)]
+        involved = [
+            c
+            for c in [*result.comparisons, *result.expected]
+            if name in (c.a, c.b) and (name not in case.known_params or c.param in case.known_params[name])
+        ]
         if name in result.ran and involved and not any(is_known(c) for c in involved):
             notes[name] = (
                 f"{name} was declared to differ ({reason}), but it agrees: the convention may have changed "
