@@ -484,7 +484,7 @@ def render_case(result: CaseResult, show_deltas: bool = False) -> RenderableType
             parts.append(
                 f"  [yellow]{escape(case.shown_as(c.param))}: {c.a} and {c.b} are up to {excused['beyond_tolerance']:.3g}x the "
                 f"tolerance apart on {excused['elements']} of {c.total} values, within what rounding can move there "
-                f"(manualprop/conditioning.py): not compared closer than that[/yellow]"
+                f"(manualprop/verdict/conditioning.py): not compared closer than that[/yellow]"
             )
     for names, comparisons in harness.golden_groups(result):
         parts.append(f"[red]{escape(_indent(harness.golden_block(names, comparisons)))}[/red]")
