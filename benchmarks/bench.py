@@ -219,6 +219,8 @@ def oracle_figures(rows: list, quick: bool) -> None:
             "seeds/cs4820_a7_tanh_softmax.yaml",
             "activations/relu_he_normal_batch32.yaml",
             "shapes/deep_five_layers_float32.yaml",
+            "layers/lenet_scce_float32.yaml",
+            "layers/batch_norm_adam_three_steps_float32.yaml",
         ]
     )
     for name in names:
