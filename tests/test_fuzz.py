@@ -1,5 +1,10 @@
 """manualprop fuzz: a fault injected into the NumPy engine is found, shrunk and written; random
-cases raise no false alarm."""
+cases raise no false alarm.
+
+Finding and shrinking a fault runs hundreds of cases through torch (1 to 7 minutes a test since
+the fuzzer draws conv, pooling and norm layers), and the 1,000-case false-alarm run about 9: they
+are marked slow (`pytest -m slow tests/test_fuzz.py`, which .ci/run runs after the suite); the
+suite keeps 100 random cases and the drawing tests."""
 
 import importlib.util
 
@@ -21,6 +26,7 @@ def wrong_tanh_derivative(monkeypatch):
     monkeypatch.setitem(activations.ACTIVATIONS, "tanh", activations.elementwise(tanh.forward, lambda z, a, alpha: 1 - a))
 
 
+@pytest.mark.slow
 @needs_framework
 def test_fuzz_finds_an_injected_fault_and_writes_a_minimal_case_that_fails(wrong_tanh_derivative, tmp_path, capsys):
     out = tmp_path / "found"
@@ -38,6 +44,7 @@ def test_fuzz_finds_an_injected_fault_and_writes_a_minimal_case_that_fails(wrong
     assert cli.main(["run", str(path), "--engines", f"numpy,{FRAMEWORK}"]) == 1  # the written case fails ...
 
 
+@pytest.mark.slow
 @needs_framework
 def test_the_minimal_case_passes_once_the_fault_is_gone(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
@@ -60,6 +67,7 @@ def test_random_cases_raise_no_false_alarm(seed, tmp_path, capsys):
         print(f"\n  seed {1000 + seed}: closest call {summary.closest:.1%} of the tolerance ({summary.closest_case})")
 
 
+@pytest.mark.slow
 @needs_framework
 def test_a_pool_of_architectures_finds_the_fault_too(wrong_tanh_derivative, tmp_path):
     summary = fuzz(60, 3, tmp_path, ["numpy", FRAMEWORK], architectures=6, optimizers=False)
@@ -116,6 +124,7 @@ def flatten_channels_first(monkeypatch):
     monkeypatch.setitem(layers.KINDS, "flatten", layers.Kind(forward, backward))
 
 
+@pytest.mark.slow
 @needs_framework
 def test_fuzz_finds_a_flatten_in_the_other_order(flatten_channels_first, tmp_path):
     summary = fuzz(60, 5, tmp_path, ["numpy", FRAMEWORK], optimizers=False)
