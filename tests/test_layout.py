@@ -35,7 +35,7 @@ def _imported(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("folder", BELOW)
 def test_nothing_below_the_runner_imports_it(folder):
-    modules = sorted((PACKAGE / folder).glob("*.py"))
+    modules = sorted((PACKAGE / folder).rglob("*.py"))
     assert modules
     for path in modules:
         runners = {m for m in _imported(path) if m.split(".")[0] in RUNNERS}

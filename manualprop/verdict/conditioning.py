@@ -12,7 +12,7 @@ error e of g, and two correct engines can differ by that much. No fixed toleranc
 no oracle can excuse it: the oracle's g is the true one, each engine's is rounded.
 
 :func:`allowance` is that spread, per delta element. For each step, from an engine's trace (the
-NumPy reference's fills what it lacks), :func:`~manualprop.verdict.layer_errors.gradient_errors`
+NumPy reference's fills what it lacks), :func:`~manualprop.verdict.rounding.gradient_errors`
 estimates how far rounding can move each gradient, layer kind by layer kind. The update is then
 evaluated at ``g - e`` and ``g + e``, with the optimizer's state as it would be had every earlier
 gradient been moved the same way or the other: the largest move is the step's spread, and the
@@ -34,7 +34,7 @@ from ..casefile.case import Case
 from ..engines import LayerTrace, StepRecord
 from ..reference.losses import LOSSES
 from ..reference.optimizers import OPTIMIZERS
-from .layer_errors import OPERATION, StepErrors, gradient_errors, reference_trace, unit, wider
+from .rounding import OPERATION, StepErrors, gradient_errors, reference_trace, unit, wider
 
 __all__ = ["OPERATION", "StepErrors", "allowance", "gradient_errors"]
 
