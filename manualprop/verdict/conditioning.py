@@ -88,6 +88,8 @@ def allowance(case: Case, history: list[StepRecord] | None = None) -> dict[str, 
                     exact_after = update.update(p.astype(wide), step.wide_grads[name], exact_states[name], t, case.lr, hyper)
                     exact = (exact_after == after) & (e == 0) & (spread[name] == 0)
                 rounded[name] = np.where(exact, 0.0, unit(case) * np.abs(after))
+                if t < len(history):  # a parameter stored between steps carries its rounding to the end: each engine's own
+                    spread[name] += OPERATION * rounded[name]
                 params[name] = after
             for name, moved in step.moved.items():  # a moving statistic: its change is the forward pass's
                 spread[name] += np.nan_to_num(moved, nan=np.inf)
