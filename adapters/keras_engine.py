@@ -388,23 +388,7 @@ def _loss_weight(case: Case) -> float:
 def _architecture(keras, case: Case) -> tuple:
     """What a compiled model depends on: everything but the weights, the data and the learning rate
     (the optimizer's hyperparameters are constants in Keras's traced step)."""
-    layers = tuple(
-        (
-            layer.kind,
-            layer.units,
-            layer.activation,
-            layer.alpha,
-            layer.bias is not None,
-            layer.in_shape,
-            layer.out_shape,
-            layer.window,
-            layer.strides,
-            layer.padding,
-            layer.epsilon,
-            layer.momentum,
-        )
-        for layer in case.layers
-    )
+    layers = tuple(layer.architecture for layer in case.layers)
     return (
         keras.__name__,
         case.dtype.name,

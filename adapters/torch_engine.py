@@ -327,23 +327,7 @@ class TorchEngine:
         key = (
             case.dtype.name,
             case.inputs.shape[1:],
-            tuple(
-                (
-                    layer.kind,
-                    layer.units,
-                    layer.activation,
-                    layer.alpha,
-                    layer.bias is not None,
-                    layer.in_shape,
-                    layer.out_shape,
-                    layer.window,
-                    layer.strides,
-                    layer.padding,
-                    layer.epsilon,
-                    layer.momentum,
-                )
-                for layer in case.layers
-            ),
+            tuple(layer.architecture for layer in case.layers),
             case.loss,
             case.reduction,
             tuple(sorted(case.loss_params.items())),

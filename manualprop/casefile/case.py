@@ -67,6 +67,24 @@ class Layer:
     def declared(self) -> concepts.LayerType:
         return concepts.LAYER_TYPES[self.kind]
 
+    @property
+    def architecture(self) -> tuple:
+        """Everything that shapes the built layer but its arrays: what a framework's model cache keys on."""
+        return (
+            self.kind,
+            self.units,
+            self.activation,
+            self.alpha,
+            self.bias is not None,
+            self.in_shape,
+            self.out_shape,
+            self.window,
+            self.strides,
+            self.padding,
+            self.epsilon,
+            self.momentum,
+        )
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Its parameters and state by short name (kernel, bias, gamma, ...), in report order."""
         found = {name: getattr(self, name) for name in self.declared.reported}
