@@ -129,7 +129,7 @@ class KerasEngine:
             return f"keras's backend {backend} is not installed (install it with: {how})"
         return None
 
-    def __init__(self, cache_size: int = 64):
+    def __init__(self, cache_size: int = 256):
         self.models = BuildCache(cache_size)
 
     def step(self, case: Case) -> StepResult:

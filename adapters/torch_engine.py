@@ -270,7 +270,7 @@ class TorchEngine:
                 )
         return None
 
-    def __init__(self, cache_size: int = 64):
+    def __init__(self, cache_size: int = 256):
         self.models = BuildCache(cache_size)
 
     def step(self, case: Case) -> StepResult:
