@@ -118,12 +118,11 @@ def _norm(choose, kind: str) -> dict:
 
 
 def _image_layers(choose, shape: list[int]) -> list[dict]:
-    """One or two blocks of conv2d, then maybe a pool and a batch norm, each fitting what comes in; then flatten."""
+    """One or two blocks of conv2d, then maybe a pool or a batch norm, each fitting what comes in; then flatten."""
     layers: list[dict] = []
-    height, width, _ = shape
     for _ in range(choose.integers(1, 2)):
         padding = choose.sampled_from(["valid", "same"])
-        limit = 3 if padding == "same" else min(3, height, width)
+        limit = 3 if padding == "same" else min(3, shape[0], shape[1])
         kernel = [choose.integers(1, limit), choose.integers(1, limit)]
         strides = choose.integers(1, 2)
         layers.append(
@@ -137,17 +136,15 @@ def _image_layers(choose, shape: list[int]) -> list[dict]:
                 "bias": not choose.booleans(),
             }
         )
-        if padding == "same":
-            height, width = -(-height // strides), -(-width // strides)
-        else:
-            height, width = (height - kernel[0]) // strides + 1, (width - kernel[1]) // strides + 1
+        shape = _after(layers[-1], shape)
         after = choose.sampled_from([None, "max_pool2d", "avg_pool2d", "batch_norm"])
         if after == "batch_norm":
             layers.append(_norm(choose, "batch_norm"))
         elif after is not None:
-            size = [choose.integers(1, min(2, height)), choose.integers(1, min(2, width))]
-            layers.append({"type": after, "pool_size": size})
-            height, width = (height - size[0]) // size[0] + 1, (width - size[1]) // size[1] + 1
+            layers.append(
+                {"type": after, "pool_size": [choose.integers(1, min(2, shape[0])), choose.integers(1, min(2, shape[1]))]}
+            )
+            shape = _after(layers[-1], shape)
     layers.append({"type": "flatten"})
     return layers
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import ValidationError
@@ -150,7 +150,8 @@ class Case:
         network as it stands before a later step."""
         layers = tuple(
             dataclasses.replace(
-                layer, **_changes({name: params.get(f"layers.{i}.{name}", value) for name, value in layer.arrays().items()})
+                layer,
+                **cast(dict[str, Any], {name: params.get(f"layers.{i}.{name}", value) for name, value in layer.arrays().items()}),
             )
             for i, layer in enumerate(self.layers)
         )
@@ -171,10 +172,6 @@ class Case:
     def line_of(self, path: tuple) -> int | None:
         """The line of ``path`` in the file, or of its nearest enclosing field."""
         return _line_of(self.lines, path)
-
-
-def _changes(values: dict[str, np.ndarray]) -> dict[str, Any]:
-    return values
 
 
 def as_weight(kernel: np.ndarray) -> np.ndarray:
